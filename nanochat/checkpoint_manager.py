@@ -1,0 +1,153 @@
+"""
+Saving and loading checkpoints.
+
+Layout: $NANOCHAT_BASE_DIR/<source>_checkpoints/<model_tag>/
+    model_<step:06d>.pt          model weights (rank 0)
+    optim_<step:06d>_rank<r>.pt  optimizer state of rank r (each rank owns part of Muon's state)
+    meta_<step:06d>.json         model_config, user_config, step, val_bpb, loop + dataloader state
+
+Every file is written to a temporary name and renamed, and meta is written last with the byte size of
+the model file, so a crash mid-save leaves no checkpoint that looks complete; a truncated or corrupt
+file is refused with an error naming it.
+"""
+
+import glob
+import json
+import os
+import re
+
+import torch
+
+from nanochat.common import get_base_dir, logger
+from nanochat.gpt import GPT, GPTConfig
+
+SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_torch_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json_save(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0):
+    """Rank 0 writes model + meta; every rank writes its own optimizer state (optimizer_states may be None)."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if optimizer_states is not None:
+        _atomic_torch_save(optimizer_states, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    if rank == 0:
+        model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+        _atomic_torch_save(model_state, model_path)
+        meta = dict(meta, step=step, model_file_bytes=os.path.getsize(model_path))
+        _atomic_json_save(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+        logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
+
+
+def _torch_load(path, device):
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file is missing: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file is corrupt or partial and was not loaded: {path} ({e})") from e
+
+
+def load_meta(checkpoint_dir, step):
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"no complete checkpoint for step {step}: {path} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata is corrupt: {path} ({e})") from e
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """Returns (model_state, optimizer_states or None, meta)."""
+    meta = load_meta(checkpoint_dir, step)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    expected = meta.get("model_file_bytes")
+    if os.path.exists(model_path) and expected is not None and os.path.getsize(model_path) != expected:
+        raise CheckpointError(f"checkpoint file is truncated: {model_path} has {os.path.getsize(model_path)} "
+                              f"bytes, its metadata says {expected}")
+    model_state = _torch_load(model_path, device)
+    optimizer_states = None
+    if load_optimizer:
+        optimizer_states = _torch_load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"), device)
+    return model_state, optimizer_states, meta
+
+
+def find_last_step(checkpoint_dir):
+    """The newest step with complete metadata."""
+    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+             if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(f)))]
+    if not steps:
+        raise CheckpointError(f"no checkpoints in {checkpoint_dir}")
+    return max(steps)
+
+
+def find_largest_model(checkpoints_dir):
+    """Tags look like d20: pick the deepest; otherwise the most recently written tag."""
+    if not os.path.isdir(checkpoints_dir):
+        raise CheckpointError(f"no checkpoints directory {checkpoints_dir}")
+    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    if not tags:
+        raise CheckpointError(f"no model tags in {checkpoints_dir}")
+    depths = {t: int(m.group(1)) for t in tags if (m := re.fullmatch(r"d(\d+)", t))}
+    if depths:
+        return max(depths, key=depths.get)
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """Construct a GPT from a checkpoint. phase is "train" or "eval". Returns (model, meta)."""
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if device.type in ("cpu", "mps"):
+        # bf16 weights (saved from GPU runs) are upcast: CPU/mps kernels are faster and safer in fp32
+        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile prefix
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the non-persistent rotary buffers; weights are overwritten next
+    try:
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} step {step} does not match its config: {e}") from e
+    model.train() if phase == "train" else model.eval()
+    return model, meta
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta)."""
+    from nanochat.tokenizer import get_tokenizer
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    device = torch.device(device)
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCES[source])
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    step = find_last_step(checkpoint_dir) if step is None else step
+    logger.info(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
+    model, meta = build_model(checkpoint_dir, step, device, phase)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise CheckpointError(f"tokenizer vocab ({tokenizer.get_vocab_size()}) does not match the model's "
+                              f"({model.config.vocab_size}): the tokenizer in {get_base_dir()}/tokenizer was "
+                              f"retrained after this model; retrain the model or restore the tokenizer")
+    return model, tokenizer, meta

@@ -1,0 +1,317 @@
+"""
+The GPT model.
+
+Notable choices:
+- rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm, no biases
+- ReLU² MLP, untied token embedding and unembedding, logits soft-capped with tanh
+- three attention variants:
+    "mha"  multi-head attention, n_kv_head == n_head
+    "gqa"  grouped-query attention, n_kv_head divides n_head (MQA when n_kv_head == 1)
+    "mla"  multi-head latent attention: tokens are compressed to a latent c_kv (kv_lora_rank) plus one
+           small RoPE key shared by all heads; only those two are cached, and at decode time the K and
+           V up-projections are absorbed into the query and the output so the cache is never expanded.
+- optional gradient checkpointing per block (recompute activations in backward, same gradients)
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ATTENTION_VARIANTS = ("mha", "gqa", "mla")
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    attention: str = "mha"
+    # MLA sizes (0 = derived from the head dim in __post_init__)
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    logit_softcap: float = 15.0
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {self.attention!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.attention == "mha" and self.n_kv_head != self.n_head:
+            raise ValueError(f"mha needs n_kv_head == n_head, got n_kv_head={self.n_kv_head}, n_head={self.n_head}")
+        if self.attention == "gqa" and (self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0):
+            raise ValueError(f"gqa needs n_kv_head to divide n_head, got n_kv_head={self.n_kv_head}, n_head={self.n_head}")
+        head_dim = self.n_embd // self.n_head
+        if head_dim % 2 != 0:
+            raise ValueError(f"head dim n_embd/n_head = {head_dim} must be even for rotary embeddings")
+        if self.attention == "mla":
+            # DeepSeek-V2 sizes: latent = 4 head dims (capped at half the width for small models),
+            # decoupled RoPE key = half a head dim
+            self.kv_lora_rank = self.kv_lora_rank or min(4 * head_dim, self.n_embd // 2)
+            self.qk_rope_head_dim = self.qk_rope_head_dim or head_dim // 2
+            if self.qk_rope_head_dim % 2 != 0:
+                raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            self.n_kv_head = 1  # the latent is shared by all heads
+
+
+def config_from_depth(depth, sequence_len, vocab_size, attention="mha", head_dim=128, n_kv_head=None,
+                      kv_lora_rank=0):
+    """nanochat convention: width = 64 * depth, heads of head_dim (rounded up so heads cover the width)."""
+    if depth < 1:
+        raise ValueError(f"--depth must be >= 1, got {depth}")
+    n_embd = 64 * depth
+    n_head = max(1, math.ceil(n_embd / head_dim))
+    while n_embd % n_head != 0:  # e.g. depth 3 with head_dim 128: 192 wide -> 2 heads of 96
+        n_head += 1
+    if n_kv_head is None:
+        n_kv_head = n_head if attention == "mha" else max(1, n_head // 2)
+    if attention == "mha":
+        n_kv_head = n_head
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd, attention=attention, kv_lora_rank=kv_lora_rank)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    # x: (B, T, H, D); cos/sin broadcast to (B, T, 1, D/2). Rotate the two halves of the head dim.
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """MHA and GQA. With a KV cache, K/V of n_kv_head heads are cached per token."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        if kv_cache is not None:
+            # the full history of this layer: (B, S, n_kv_head, head_dim), S = longest row + T
+            k = kv_cache.write(self.layer_idx, "k", k)
+            v = kv_cache.write(self.layer_idx, "v", v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, head_dim)
+        gqa = self.n_kv_head != self.n_head
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """
+    MLA. Per token we keep c_kv (kv_lora_rank) and k_rope (qk_rope_head_dim); per head,
+    k_nope = W_uk c_kv and v = W_uv c_kv. Scores are q_nope·k_nope + q_rope·k_rope.
+
+    Training / no cache: expand c_kv into per-head K and V and run ordinary attention.
+    With a cache (absorbed form): q_nope·(W_uk c) = (W_ukᵀ q_nope)·c, so the query is mapped into the
+    latent space and attends over the cached latents directly (one shared "kv head" of width
+    kv_lora_rank + qk_rope_head_dim); the attention output stays in latent space and W_uv is applied
+    after, together with the output projection. The cache is never expanded to full K/V.
+
+    QK-norm is applied where it stays absorbable: on the queries, the latent c_kv and the RoPE key.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.nope_dim = config.n_embd // config.n_head
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = self.nope_dim
+        self.rank = config.kv_lora_rank
+        self.c_q = nn.Linear(config.n_embd, self.n_head * (self.nope_dim + self.rope_dim), bias=False)
+        self.c_kv_down = nn.Linear(config.n_embd, self.rank + self.rope_dim, bias=False)
+        self.c_k_up = nn.Linear(self.rank, self.n_head * self.nope_dim, bias=False)
+        self.c_v_up = nn.Linear(self.rank, self.n_head * self.v_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.v_dim, config.n_embd, bias=False)
+        self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        B, T, C = x.shape
+        H = self.n_head
+        q = self.c_q(x).view(B, T, H, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = norm(q[..., :self.nope_dim]), q[..., self.nope_dim:]
+        q_rope = norm(apply_rotary_emb(q_rope, cos, sin))
+        kv = self.c_kv_down(x)
+        c_kv = norm(kv[..., :self.rank])  # (B, T, rank)
+        k_rope = norm(apply_rotary_emb(kv[..., self.rank:].unsqueeze(2), cos, sin)).squeeze(2)  # (B, T, rope_dim)
+
+        if kv_cache is None:
+            k_nope = self.c_k_up(c_kv).view(B, T, H, self.nope_dim)
+            k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
+            v = self.c_v_up(c_kv).view(B, T, H, self.v_dim)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, .)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+        c_kv = kv_cache.write(self.layer_idx, "c_kv", c_kv)        # (B, S, rank)
+        k_rope = kv_cache.write(self.layer_idx, "k_rope", k_rope)  # (B, S, rope_dim)
+        w_uk = self.c_k_up.weight.view(H, self.nope_dim, self.rank)
+        w_uv = self.c_v_up.weight.view(H, self.v_dim, self.rank)
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)       # (B, T, H, rank)
+        q = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2)      # (B, H, T, rank + rope_dim)
+        k = torch.cat([c_kv, k_rope], dim=-1).unsqueeze(1)             # (B, 1, S, rank + rope_dim)
+        v = c_kv.unsqueeze(1)                                          # (B, 1, S, rank)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
+        y = torch.einsum("bhtr,hdr->bthd", y, w_uv)                    # (B, T, H, v_dim)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention_class = MultiHeadLatentAttention if config.attention == "mla" else CausalSelfAttention
+        self.attn = attention_class(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables cover 10x the training context so generation can run past it
+        self.rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.n_embd // config.n_head
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, self.rope_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _precompute_rotary(self, seq_len, dim, base=10000, device=None):
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (seq_len, dim/2)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, seq_len, 1, dim/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Also call after to_empty(): it fills parameters and recomputes the rotary buffers."""
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for name, p in block.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    torch.nn.init.zeros_(p)  # residual branches start as identity
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=1.0 / math.sqrt(p.shape[1]))
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, self.rope_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Recompute each block's activations in backward: lower peak memory, identical gradients."""
+        self.gradient_checkpointing = enabled
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention over the context."""
+        c = self.config
+        num_matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        if c.attention == "mla":
+            qk_dim, v_dim = c.n_embd // c.n_head + c.qk_rope_head_dim, c.n_embd // c.n_head
+        else:
+            qk_dim = v_dim = c.n_embd // c.n_head
+        attention_flops = 6 * c.n_layer * c.n_head * (qk_dim + v_dim) * c.sequence_len
+        return 6 * num_matmul_params + attention_flops
+
+    def kv_cache_layout(self):
+        """What one layer caches per token: {name: trailing shape}."""
+        c = self.config
+        if c.attention == "mla":
+            return {"c_kv": (c.kv_lora_rank,), "k_rope": (c.qk_rope_head_dim,)}
+        head_dim = c.n_embd // c.n_head
+        return {"k": (c.n_kv_head, head_dim), "v": (c.n_kv_head, head_dim)}
+
+    def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
+        elements_per_layer = sum(math.prod(shape) for shape in self.kv_cache_layout().values())
+        return self.config.n_layer * elements_per_layer * torch.empty((), dtype=dtype).element_size()
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """
+        idx: (B, T) token ids. targets: (B, T) with -1 where no loss is taken.
+        Returns the loss when targets are given, else float32 logits (B, T, vocab_size).
+        With a kv_cache, row b's tokens sit at positions kv_cache.lengths[b] + 0..T-1 and the cache
+        lengths advance by T.
+        """
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.rotary_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_seq_len})")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, rope_dim/2)
+            attn_mask = None
+        else:
+            positions = kv_cache.positions(T)  # (B, T)
+            if int(positions.max()) >= min(self.rotary_seq_len, kv_cache.seq_len):
+                raise ValueError(f"KV cache of {kv_cache.seq_len} positions is full")
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, rope_dim/2)
+            attn_mask = kv_cache.attention_mask(T)  # (B, 1, T, S)
+
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, kv_cache, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, attn_mask)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x).float()
+        softcap = self.config.logit_softcap
+        logits = softcap * torch.tanh(logits / softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def config_dict(self):
+        return asdict(self.config)

@@ -1,0 +1,38 @@
+"""
+Bits per byte: the validation loss in a unit that does not depend on the tokenizer.
+
+Mean cross-entropy per token changes with the vocabulary (bigger tokens -> higher loss per token), so
+we sum the loss in nats over all target tokens, divide by the number of UTF-8 bytes those tokens
+decode to, and convert to bits. Special tokens (0 bytes) are left out of both sums.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """
+    model: a GPT (or its compiled wrapper); batches: iterator of (inputs, targets) (B, T);
+    steps: how many batches this rank evaluates (fewer if the iterator ends); token_bytes: (vocab,) int.
+    Sums are all-reduced across ranks when running distributed.
+    """
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _, (x, y) in zip(range(steps), batches):
+        loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats, 0 where y == -1
+        y = y.view(-1)
+        valid = y >= 0
+        num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
+        counted = num_bytes > 0
+        total_nats += (loss * counted).sum().double()
+        total_bytes += num_bytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from nanochat.engine import KVCache
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+
+VOCAB = 97
+
+
+def tiny_model(attention, n_kv_head=4, seed=0, n_layer=2):
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=n_layer, n_head=4, n_kv_head=n_kv_head,
+                       n_embd=64, attention=attention)
+    model = GPT(config)
+    model.init_weights()
+    # output projections start at zero; give them weight so attention actually shapes the outputs
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+VARIANTS = [("mha", 4), ("gqa", 2), ("gqa", 1), ("mla", 4)]
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_forward_backward(attention, n_kv_head):
+    model = tiny_model(attention, n_kv_head)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, VOCAB) and logits.dtype == torch.float32
+    assert logits.abs().max() <= model.config.logit_softcap
+    targets = idx.clone()
+    targets[:, :3] = -1  # ignored positions
+    loss = model(idx, targets)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.transformer.h[0].attn.c_q.weight.grad.abs().sum() > 0
+
+
+def test_initial_loss_is_uniform():
+    model = tiny_model("mha")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.zero_()
+    idx = torch.randint(0, VOCAB, (4, 32))
+    assert abs(model(idx, idx).item() - torch.log(torch.tensor(float(VOCAB))).item()) < 0.05
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_cached_equals_uncached(attention, n_kv_head):
+    model = tiny_model(attention, n_kv_head).eval()
+    idx = torch.randint(0, VOCAB, (3, 24))
+    with torch.no_grad():
+        full = model(idx)
+        kv_cache = KVCache.for_model(model, batch_size=3, seq_len=64)
+        pieces = [model(idx[:, :9], kv_cache=kv_cache)]  # prefill 9, then chunks of 1 and 4
+        pieces += [model(idx[:, t:t + 1], kv_cache=kv_cache) for t in range(9, 12)]
+        pieces += [model(idx[:, 12:16], kv_cache=kv_cache), model(idx[:, 16:], kv_cache=kv_cache)]
+    assert torch.allclose(full, torch.cat(pieces, dim=1), atol=1e-5, rtol=0)
+    assert kv_cache.lengths.tolist() == [24, 24, 24]
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_rows_at_different_lengths(attention, n_kv_head):
+    """Per-row lengths: a right-padded prefill + one decode step equals each row run alone."""
+    model = tiny_model(attention, n_kv_head).eval()
+    lengths = [5, 11, 8]
+    rows = [torch.randint(0, VOCAB, (n + 1,)) for n in lengths]
+    padded = torch.zeros(3, max(lengths), dtype=torch.long)
+    for b, (row, n) in enumerate(zip(rows, lengths)):
+        padded[b, :n] = row[:n]
+    with torch.no_grad():
+        kv_cache = KVCache.for_model(model, batch_size=3, seq_len=32)
+        model(padded, kv_cache=kv_cache)
+        kv_cache.set_lengths(lengths)  # drop the pad positions: they are overwritten and never attended
+        next_tokens = torch.stack([row[n] for row, n in zip(rows, lengths)])[:, None]
+        batched = model(next_tokens, kv_cache=kv_cache)[:, 0]
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            alone = model(row[None, :n + 1])[0, -1]
+            assert torch.allclose(batched[b], alone, atol=1e-5), b
+
+
+def test_mla_caches_only_latent():
+    model = tiny_model("mla")
+    c = model.config
+    assert set(model.kv_cache_layout()) == {"c_kv", "k_rope"}
+    assert c.kv_lora_rank == min(4 * 16, 64 // 2) and c.qk_rope_head_dim == 8
+    assert model.kv_cache_bytes_per_token(torch.bfloat16) == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+    mha = tiny_model("mha")
+    assert mha.kv_cache_bytes_per_token(torch.bfloat16) == c.n_layer * 2 * 4 * 16 * 2
+    assert tiny_model("gqa", 1).kv_cache_bytes_per_token(torch.float32) == c.n_layer * 2 * 1 * 16 * 4
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_gradient_checkpointing_same_gradients(attention, n_kv_head):
+    idx = torch.randint(0, VOCAB, (2, 32))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(attention, n_kv_head, seed=1, n_layer=3)
+        model.enable_gradient_checkpointing(checkpointing)
+        model(idx, idx).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        GPTConfig(attention="flash")
+    with pytest.raises(ValueError, match="gqa needs n_kv_head"):
+        GPTConfig(n_head=6, n_kv_head=4, attention="gqa")
+    with pytest.raises(ValueError, match="mha needs"):
+        GPTConfig(n_head=6, n_kv_head=3, attention="mha")
+    with pytest.raises(ValueError, match="--depth"):
+        config_from_depth(0, 128, 300)
+
+
+def test_config_from_depth():
+    c = config_from_depth(20, 2048, 65536)
+    assert (c.n_embd, c.n_head, c.n_kv_head, c.n_layer) == (1280, 10, 10, 20)
+    c = config_from_depth(4, 256, 512, attention="gqa", head_dim=64)
+    assert (c.n_embd, c.n_head, c.n_kv_head) == (256, 4, 2)
+    c = config_from_depth(3, 256, 512, head_dim=128)
+    assert c.n_embd % c.n_head == 0
+
+
+def test_estimate_flops_counts_matmuls():
+    model = tiny_model("mha")
+    c = model.config
+    matmul_params = model.num_params() - c.vocab_size * c.n_embd
+    assert model.estimate_flops() == 6 * matmul_params + 12 * c.n_layer * c.n_embd * c.sequence_len
+
+
+def test_cache_full_is_an_error():
+    model = tiny_model("mha").eval()
+    kv_cache = KVCache.for_model(model, batch_size=1, seq_len=8)
+    with torch.no_grad(), pytest.raises(ValueError, match="full"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=kv_cache)
