@@ -1,0 +1,133 @@
+import os
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step,
+                                         load_checkpoint, load_model, save_checkpoint)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import setup_optimizers
+from nanochat.tokenizer import RustBPETokenizer
+
+
+def tiny_model(attention="mha"):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                          attention=attention))
+    model.init_weights()
+    return model
+
+
+def save_tiny(checkpoint_dir, step, model, optimizers=None):
+    meta = dict(model_config=model.config_dict(), user_config={"depth": 2}, val_bpb=1.5)
+    optim_states = [o.state_dict() for o in optimizers] if optimizers else None
+    save_checkpoint(str(checkpoint_dir), step, model.state_dict(), optim_states, meta)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_round_trip(tmp_path, attention):
+    model = tiny_model(attention)
+    optimizers = setup_optimizers(model)
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    for opt in optimizers:
+        opt.step()
+    save_tiny(tmp_path, 7, model, optimizers)
+    assert sorted(os.listdir(tmp_path)) == ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt"]
+
+    loaded, meta = build_model(str(tmp_path), 7, torch.device("cpu"), "eval")
+    assert meta["step"] == 7 and meta["val_bpb"] == 1.5 and not loaded.training
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, loaded.state_dict()[name]), name
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+
+    _, optim_states, _ = load_checkpoint(str(tmp_path), 7, "cpu", load_optimizer=True)
+    fresh = setup_optimizers(tiny_model(attention))
+    for opt, state in zip(fresh, optim_states):
+        opt.load_state_dict(state)
+    assert fresh[1].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
+
+
+def test_bf16_weights_load_as_fp32_and_compile_prefix_is_stripped(tmp_path):
+    model = tiny_model()
+    state = {"_orig_mod." + k: v.bfloat16() for k, v in model.state_dict().items()}
+    meta = dict(model_config=model.config_dict())
+    save_checkpoint(str(tmp_path), 1, state, None, meta)
+    loaded, _ = build_model(str(tmp_path), 1, torch.device("cpu"), "train")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters()) and loaded.training
+
+
+def test_find_last_step_and_largest_model(tmp_path):
+    model = tiny_model()
+    for tag in ("d2", "d12", "d4"):
+        os.makedirs(tmp_path / tag)
+    assert find_largest_model(str(tmp_path)) == "d12"
+    for step in (5, 20, 10):
+        save_tiny(tmp_path / "d12", step, model)
+    assert find_last_step(str(tmp_path / "d12")) == 20
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        find_last_step(str(tmp_path / "d2"))
+
+
+def test_partial_save_is_not_a_checkpoint(tmp_path):
+    """A crash before meta is written leaves no checkpoint that looks complete."""
+    model = tiny_model()
+    save_tiny(tmp_path, 5, model)
+    torch.save(model.state_dict(), tmp_path / "model_000010.pt.tmp")  # interrupted write of step 10
+    assert find_last_step(str(tmp_path)) == 5
+    with pytest.raises(CheckpointError, match="meta_000010.json is missing"):
+        load_checkpoint(str(tmp_path), 10, "cpu")
+
+
+def test_truncated_model_file_is_refused(tmp_path):
+    save_tiny(tmp_path, 3, tiny_model())
+    path = tmp_path / "model_000003.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model_000003.pt"):
+        load_checkpoint(str(tmp_path), 3, "cpu")
+
+
+def test_corrupt_model_file_is_refused(tmp_path):
+    save_tiny(tmp_path, 3, tiny_model())
+    path = tmp_path / "model_000003.pt"
+    size = path.stat().st_size
+    path.write_bytes(b"\0" * size)  # same size, garbage content
+    with pytest.raises(CheckpointError, match="corrupt or partial.*model_000003.pt"):
+        load_checkpoint(str(tmp_path), 3, "cpu")
+
+
+def test_corrupt_meta_is_refused(tmp_path):
+    save_tiny(tmp_path, 3, tiny_model())
+    (tmp_path / "meta_000003.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta_000003.json"):
+        load_checkpoint(str(tmp_path), 3, "cpu")
+
+
+def test_missing_optimizer_file_is_named(tmp_path):
+    save_tiny(tmp_path, 3, tiny_model())
+    with pytest.raises(CheckpointError, match="optim_000003_rank0.pt"):
+        load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
+
+
+def test_load_model_checks_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    text = ["the quick brown fox jumps over the lazy dog " * 20, "hello world, numbers 12 345 6789 " * 20]
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(text), 300)
+    tokenizer.save(str(tmp_path / "tokenizer"))
+    vocab_size = tokenizer.get_vocab_size()
+    config = dict(sequence_len=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    matching, mismatched = GPT(GPTConfig(vocab_size=vocab_size, **config)), GPT(GPTConfig(vocab_size=vocab_size + 1, **config))
+    for model in (matching, mismatched):
+        model.init_weights()
+    save_tiny(tmp_path / "base_checkpoints" / "d2", 4, matching)
+    save_tiny(tmp_path / "base_checkpoints" / "d3", 4, mismatched)
+    model, tok, meta = load_model("base", "cpu", "eval", model_tag="d2")
+    assert meta["step"] == 4 and model.config.vocab_size == tok.get_vocab_size()
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_model("base", "cpu", "eval")  # the largest tag, d3, was trained with another tokenizer
+    with pytest.raises(ValueError, match="source must be one of"):
+        load_model("pretrained", "cpu", "eval")
+    with pytest.raises(CheckpointError, match="no checkpoints directory"):
+        load_model("sft", "cpu", "eval")
