@@ -1,0 +1,79 @@
+"""
+Train and val bits-per-byte of a base model, plus a few greedy samples.
+
+python -m scripts.base_loss [--model-tag d20] [--model-step N] [--split-tokens 10485760]
+torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+"""
+
+import argparse
+import sys
+
+import torch
+
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import autocast_dtype, compute_cleanup, compute_init, print0
+from nanochat.dataloader import make_train_loader, make_val_loader
+from nanochat.engine import complete_greedy
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate base model train/val bits-per-byte and print samples")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--model-step", type=int, default=None)
+    p.add_argument("--max-sample-tokens", type=int, default=24)
+    args = p.parse_args(argv)
+    for name in ["device_batch_size", "split_tokens"]:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.model_step)
+        token_bytes = get_token_bytes(device=device)
+    except (CheckpointError, FileNotFoundError) as e:
+        print0(f"error: {e}\nTrain a base model first: python -m scripts.base_train")
+        compute_cleanup()
+        return 1
+    dtype = autocast_dtype(device.type)
+    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    B, T = args.device_batch_size, model.config.sequence_len
+    steps = max(1, args.split_tokens // (B * T * world_size))
+    results = {}
+    for split in ("train", "val"):
+        if split == "train":
+            loader = make_train_loader(tokenizer, B, T, world_size, rank, 1, device)
+        else:
+            loader = make_val_loader(tokenizer, B, T, world_size, rank, device)
+        with loader, autocast:
+            results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
+
+    samples = []
+    if rank == 0:
+        with autocast:
+            samples = complete_greedy(model, tokenizer, SAMPLE_PROMPTS, max_tokens=args.max_sample_tokens)
+        for s in samples:
+            print0(f"  {s!r}")
+    get_report().log(section="Base model loss", data=[
+        {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results},
+        "### Samples", *[f"`{s}`" for s in samples]])
+    compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
