@@ -1,6 +1,6 @@
 """
-Training throughput of one model size per attention variant, with and without gradient checkpointing,
-and fp32 vs bf16 autocast (the dtype policy in nanochat/common.py rests on this measurement on CPU).
+Training throughput and activation memory (bytes autograd saves for backward) of one model size per
+attention variant, with and without gradient checkpointing, and fp32 vs bf16 autocast (the dtype policy in nanochat/common.py rests on this measurement on CPU).
 
 python dev/bench_train.py [--depth 4] [--seq-len 256] [--batch-size 8] [--steps 5] [--device-type cpu]
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, synchronize
+from nanochat.common import autodetect_device_type, saved_tensor_bytes, synchronize
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -39,7 +39,10 @@ def measure(config, device, steps, batch_size, checkpointing, dtype):
             opt.step()
         model.zero_grad(set_to_none=True)
 
-    train_step()  # warm-up: allocator, kernels
+    with autocast:
+        activation_bytes, loss = saved_tensor_bytes(lambda: model(x, y))
+    loss.backward()  # also the warm-up step (allocator, kernels)
+    model.zero_grad(set_to_none=True)
     synchronize(device.type)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -47,7 +50,7 @@ def measure(config, device, steps, batch_size, checkpointing, dtype):
     synchronize(device.type)
     seconds_per_step = (time.perf_counter() - t0) / steps
     tokens_per_second = batch_size * T / seconds_per_step
-    return dict(tokens_per_second=tokens_per_second, flops_per_second=tokens_per_second * model.estimate_flops(),
+    return dict(tokens_per_second=tokens_per_second, activation_mb=activation_bytes / 2**20, flops_per_second=tokens_per_second * model.estimate_flops(),
                 params=model.num_params(), kv_cache_bytes_per_token=model.kv_cache_bytes_per_token())
 
 
@@ -76,10 +79,10 @@ def main():
 
     base = rows[0]["tokens_per_second"]
     print(f"\nd{args.depth}, seq {args.seq_len}, batch {args.batch_size}, device {device.type}, torch threads {torch.get_num_threads()}")
-    print(f"{'attention':<10}{'ckpt':<6}{'dtype':<10}{'params':>10}{'KV B/tok':>10}{'tok/s':>10}{'GFLOP/s':>10}{'vs first':>10}")
+    print(f"{'attention':<10}{'ckpt':<6}{'dtype':<10}{'params':>10}{'KV B/tok':>10}{'tok/s':>10}{'GFLOP/s':>10}{'act MiB':>10}{'vs first':>10}")
     for r in rows:
         print(f"{r['attention']:<10}{str(r['gradient_checkpointing']):<6}{r['dtype']:<10}{r['params']:>10,}"
-              f"{r['kv_cache_bytes_per_token']:>10,}{r['tokens_per_second']:>10,.0f}{r['flops_per_second'] / 1e9:>10.1f}"
+              f"{r['kv_cache_bytes_per_token']:>10,}{r['tokens_per_second']:>10,.0f}{r['flops_per_second'] / 1e9:>10.1f}{r['activation_mb']:>10.1f}"
               f"{r['tokens_per_second'] / base:>10.2f}")
     summary = {"bench": "train", "depth": args.depth, "seq_len": args.seq_len, "batch_size": args.batch_size,
                "device": device.type, "rows": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}

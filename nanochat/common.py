@@ -134,3 +134,21 @@ class DummyWandb:
 
     def finish(self):
         pass
+
+
+def saved_tensor_bytes(fn):
+    """
+    Bytes of activations autograd keeps for backward while fn() runs (parameters excluded, each storage
+    counted once): the memory that gradient checkpointing trades for recomputation. Works on any device.
+    """
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), result

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
     p.add_argument("--tokenizer-threads", type=int, default=4)
     p.add_argument("--tokenizer-batch-size", type=int, default=128)
-    p.add_argument("--loss-log", default=None, help="append one JSON line per step (step, loss, lr) to this file")
+    p.add_argument("--loss-log", default=None, help="append JSON lines: a run header, {step, loss, ...} per step, {step, val_bpb} per eval")
     args = p.parse_args(argv)
     positive = ["depth", "max_seq_len", "head_dim", "device_batch_size", "total_batch_size", "eval_every",
                 "sample_every", "tokenizer_threads", "tokenizer_batch_size"]
@@ -201,8 +201,12 @@ def main(argv=None):
     val_bpb = loop_state.get("val_bpb")
     total_training_time = loop_state.get("total_training_time", 0.0)
     steps_timed = loop_state.get("steps_timed", 0)
-    loss_log = open(args.loss_log, "a", encoding="utf-8") if args.loss_log and master else None
 
+    loss_log = open(args.loss_log, "a", encoding="utf-8") if args.loss_log and master else None
+    if loss_log:
+        loss_log.write(json.dumps({"run": model_tag, "model_config": model.config_dict(), "parameters": num_params,
+                                   "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(),
+                                   "start_step": start_step, "num_iterations": num_iterations}) + "\n")
     for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
 
@@ -214,6 +218,8 @@ def main(argv=None):
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
+            if loss_log:
+                loss_log.write(json.dumps({"step": step, "val_bpb": val_bpb}) + "\n")
             model.train()
 
         if master and (last_step or (step > 0 and step % args.sample_every == 0)):
@@ -272,7 +278,8 @@ def main(argv=None):
                f"FLOP/s {flops_per_second:.3e} | mfu {mfu} | eta {eta}")
         wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lr_mult, "train/tok_per_sec": tokens_per_second})
         if loss_log:
-            loss_log.write(json.dumps({"step": step + 1, "loss": train_loss, "lrm": lr_mult}) + "\n")
+            loss_log.write(json.dumps({"step": step + 1, "loss": train_loss, "lrm": lr_mult,
+                                       "tokens_per_second": tokens_per_second}) + "\n")
             loss_log.flush()
 
     train_loader.close()  # stop the prefetch thread before the interpreter shuts down

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from nanochat.common import saved_tensor_bytes
+
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 
@@ -105,6 +107,17 @@ def test_gradient_checkpointing_same_gradients(attention, n_kv_head):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_gradient_checkpointing_saves_less_activation_memory(attention, n_kv_head):
+    idx = torch.randint(0, VOCAB, (2, 32))
+    saved = {}
+    for checkpointing in (False, True):
+        model = tiny_model(attention, n_kv_head, n_layer=4)
+        model.enable_gradient_checkpointing(checkpointing)
+        saved[checkpointing], _ = saved_tensor_bytes(lambda: model(idx, idx))
+    assert saved[True] < 0.6 * saved[False], saved
 
 
 def test_config_validation():

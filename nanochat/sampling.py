@@ -1,0 +1,87 @@
+"""
+The one place logits become a distribution.
+
+process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest set of
+the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
+greedy: a one-hot distribution on the argmax. Plain sampling and speculative verification both call it,
+so the draft's q and the target's p are processed identically, which exact speculative sampling needs.
+
+Parameters may be per row (tensors of shape (B,)) so one batch can serve requests with different settings.
+"""
+
+import torch
+
+# Bounds checked at every entry point (engine, CLI, server) through validate_sampling_params.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 / None = no top-k
+MIN_TOP_P, MAX_TOP_P = 0.0, 1.0  # top_p in (0, 1]; 1 / None = no nucleus
+
+
+def validate_sampling_params(temperature=1.0, top_k=None, top_p=None, max_temperature=None, max_top_k=None):
+    """Raise ValueError with a message naming the bad parameter. Upper bounds are optional."""
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if temperature is None or not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if max_temperature is not None and temperature > max_temperature:
+        raise ValueError(f"temperature must be <= {max_temperature}, got {temperature}")
+    if top_k is not None:
+        if top_k < 0 or int(top_k) != top_k:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k}")
+        if max_top_k is not None and top_k > max_top_k:
+            raise ValueError(f"top_k must be <= {max_top_k}, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _as_column(value, B, default, dtype, device):
+    """A scalar, None or per-row sequence -> (B, 1) tensor; None becomes `default`."""
+    if value is None:
+        value = default
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(B, 1)
+    if isinstance(value, (list, tuple)):
+        return torch.tensor([default if v is None else v for v in value], dtype=dtype, device=device).reshape(B, 1)
+    return torch.full((B, 1), value, dtype=dtype, device=device)
+
+
+def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """
+    logits: (B, V). temperature / top_k / top_p: scalars or per-row values (None = off).
+    Returns probabilities (B, V) float32: rows with temperature 0 are one-hot on their argmax.
+    """
+    B, V = logits.shape
+    logits = logits.float()
+    temperature = _as_column(temperature, B, 1.0, torch.float32, logits.device)
+    top_k = _as_column(top_k, B, 0, torch.long, logits.device)
+    top_p = _as_column(top_p, B, 1.0, torch.float32, logits.device)
+    greedy = temperature <= 0  # (B, 1)
+
+    # sort once; top-k and top-p are then masks over sorted positions
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    keep = (top_k <= 0) | (rank < top_k)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    # nucleus within the top-k: keep a token if the mass strictly before it is < p (so the first always stays)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep &= mass_before < top_p
+    sorted_probs = sorted_probs * keep
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    probs = torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
+
+    if greedy.any():
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy, one_hot, probs)
+    return probs
+
+
+def sample_from_probs(probs, generator=None):
+    """probs (B, V) -> token ids (B, 1). Deterministic for one-hot rows; seeded by `generator`."""
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> (B, 1) token ids."""
+    return sample_from_probs(process_logits(logits, temperature, top_k, top_p), generator)

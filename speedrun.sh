@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole pipeline, start to finish: environment, data, tokenizer, base model, report.
+#
+#   bash speedrun.sh                       # 8-GPU node: the d20 model (~$100 of compute); no GPU: dev/runcpu.sh
+#   WANDB_RUN=d20 bash speedrun.sh         # also log to Weights & Biases
+#   NANOCHAT_DATA_DIR=/path/to/mirror bash speedrun.sh   # offline: use a local dataset mirror
+#
+# Bigger models: DEPTH=26 DEVICE_BATCH=16 bash speedrun.sh (~$300), DEPTH=32 DEVICE_BATCH=8 (~$800);
+# a smaller device batch keeps them in 80 GB and gradient accumulation keeps the global batch.
+set -euo pipefail
+cd "$(dirname "$0")"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+WANDB_RUN=${WANDB_RUN:-dummy}
+DEPTH=${DEPTH:-20}
+DEVICE_BATCH=${DEVICE_BATCH:-32}
+mkdir -p "$NANOCHAT_BASE_DIR"
+
+source dev/setup_env.sh   # .venv with torch (CUDA or CPU build) and nanochat installed
+
+NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$NUM_GPUS" -eq 0 ]; then
+    echo "No CUDA GPU found: running the tiny CPU configuration (dev/runcpu.sh)."
+    exec bash dev/runcpu.sh
+fi
+source dev/stage.sh
+python -m nanochat.report reset
+
+stage "data: first 8 shards (tokenizer training), the rest in the background"
+if python -m nanochat.dataset -n 8; then
+    python -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+    DOWNLOAD_PID=$!
+else
+    echo "Download failed; the training scripts will import \$NANOCHAT_DATA_DIR/pretrain if it is set."
+    DOWNLOAD_PID=
+fi
+
+stage "tokenizer (~1 min)"
+python -m scripts.tok_train --max-chars 2000000000 --vocab-size 65536
+python -m scripts.tok_eval
+
+[ -n "$DOWNLOAD_PID" ] && wait "$DOWNLOAD_PID"
+stage "base model d$DEPTH on $NUM_GPUS GPUs (~3 h on 8xH100 for d20)"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_train --depth "$DEPTH" \
+    --device-batch-size "$DEVICE_BATCH" --run "$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss --device-batch-size "$DEVICE_BATCH"
+
+stage "report"
+python -m nanochat.report generate
+stage_summary
