@@ -1,0 +1,144 @@
+"""
+Generation speed, measured as ratios in one run:
+  1. decode tokens/s at batch 1
+  2. 8 prompts of different lengths: one batch vs one by one (greedy; outputs must be identical)
+  3. speculative decoding with a small trained draft model vs plain (greedy and T=1): acceptance rate,
+     tokens per target forward (against (1 − α^(γ+1)) / (1 − α)), wall speedup
+  4. n-gram drafting vs plain on an input-grounded prompt at T=0 (outputs must be identical)
+
+python dev/bench_generate.py [--target-tag d4] [--draft-tag d2] [--gamma 4] [--max-tokens 128]
+
+Uses base checkpoints from $NANOCHAT_BASE_DIR; a missing target/draft is trained first with
+scripts.base_train (d4: ~5 min, d2: ~1 min on 2 CPU cores; needs a tokenizer and pretraining data).
+Prints a table and ends with one JSON line.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from nanochat.checkpoint_manager import SOURCES, load_model
+from nanochat.common import autodetect_device_type, get_base_dir, synchronize
+from nanochat.dataset import parquets_iter_batched
+from nanochat.engine import Engine
+from nanochat.speculative import expected_tokens_per_forward
+
+TRAIN_RECIPES = {  # tag -> base_train flags for a quick CPU model
+    "d4": ["--depth", "4", "--num-iterations", "300"],
+    "d2": ["--depth", "2", "--num-iterations", "300"],
+}
+COMMON_TRAIN_FLAGS = ["--max-seq-len", "256", "--head-dim", "64", "--device-batch-size", "8", "--total-batch-size", "4096",
+                      "--eval-every", "1000", "--eval-tokens", "16384", "--sample-every", "100000"]
+
+
+def ensure_model(tag):
+    if os.path.isdir(os.path.join(get_base_dir(), SOURCES["base"], tag)):
+        return
+    if tag not in TRAIN_RECIPES:
+        raise SystemExit(f"error: no base checkpoint '{tag}' and no recipe to train it; train it with scripts.base_train")
+    print(f"training the missing base model {tag} (once)...", flush=True)
+    from scripts.base_train import main as base_train
+    if base_train([*TRAIN_RECIPES[tag], *COMMON_TRAIN_FLAGS, "--model-tag", tag]) != 0:
+        raise SystemExit(f"error: training {tag} failed")
+
+
+def timed(device, fn):
+    synchronize(device.type)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device.type)
+    return out, time.perf_counter() - t0
+
+
+def generated_count(results, prompts):
+    return sum(len(r) - len(p) for r, p in zip(results, prompts))
+
+
+def main():
+    p = argparse.ArgumentParser(description="Generation benchmarks (ratios in one run)")
+    p.add_argument("--target-tag", default="d4")
+    p.add_argument("--draft-tag", default="d2")
+    p.add_argument("--gamma", type=int, default=4, help="speculative tokens per target forward")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    args = p.parse_args()
+    device = torch.device(args.device_type or autodetect_device_type())
+    ensure_model(args.target_tag)
+    ensure_model(args.draft_tag)
+    target, tokenizer, _ = load_model("base", device, "eval", model_tag=args.target_tag)
+    draft, _, _ = load_model("base", device, "eval", model_tag=args.draft_tag)
+    bos = tokenizer.get_bos_token_id()
+    val_docs = next(parquets_iter_batched("val"))
+    text = " ".join(val_docs)[:20000]
+    rows, summary = [], {"bench": "generate", "device": device.type, "target": args.target_tag, "draft": args.draft_tag,
+                         "gamma": args.gamma, "max_tokens": args.max_tokens}
+    plain = Engine(target, tokenizer)
+
+    # 1. decode tokens/s at batch 1 (time per generated token after a short prompt)
+    prompt = [bos] + tokenizer.encode(text[:200])[:32]
+    plain.generate_batch(prompt, max_tokens=8, temperature=0.0)  # warm-up
+    (results, _), seconds = timed(device, lambda: plain.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0))
+    decode_tps = generated_count(results, [prompt]) / seconds
+    rows.append(("decode, batch 1", f"{decode_tps:,.1f} tok/s", ""))
+    summary["decode_tokens_per_second"] = round(decode_tps, 1)
+
+    # 2. eight prompts of different lengths: one batch vs one by one
+    words = text.split()
+    prompts = [[bos] + tokenizer.encode(" ".join(words[i * 40:i * 40 + n])) for i, n in enumerate(range(4, 68, 8))]
+    batch_max = args.max_tokens // 2
+    (batched, _), batched_s = timed(device, lambda: plain.generate_batch(prompts, max_tokens=batch_max, temperature=0.0))
+    serial, serial_s = timed(device, lambda: [plain.generate_batch(q, max_tokens=batch_max, temperature=0.0)[0][0] for q in prompts])
+    assert batched == serial, "batched greedy output differs from one-by-one"
+    n_tokens = generated_count(batched, prompts)
+    batch_speedup = serial_s / batched_s
+    rows.append(("8 prompts batched", f"{n_tokens / batched_s:,.1f} tok/s", f"{batch_speedup:.2f}x vs one by one"))
+    rows.append(("8 prompts one by one", f"{n_tokens / serial_s:,.1f} tok/s", "identical outputs"))
+    summary.update(batch_tokens_per_second=round(n_tokens / batched_s, 1), serial_tokens_per_second=round(n_tokens / serial_s, 1),
+                   batch_speedup=round(batch_speedup, 2))
+
+    # 3. speculative with the draft model vs plain
+    prompt = [bos] + tokenizer.encode(text[2000:2400])[:48]
+    spec_engine = Engine(target, tokenizer, draft=draft)
+    for temperature in (0.0, 1.0):
+        kw = dict(max_tokens=args.max_tokens, temperature=temperature, seed=0)
+        (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
+        (spec_out, _), spec_s = timed(device, lambda: spec_engine.generate_batch(prompt, speculative_num_tokens=args.gamma, **kw))
+        if temperature == 0.0:
+            assert spec_out == base_out, "speculative greedy output differs from plain greedy"
+        s = spec_engine.last_speculative_stats
+        alpha, per_forward = s["acceptance_rate"], s["tokens_per_target_forward"]
+        speedup = (generated_count(spec_out, [prompt]) / spec_s) / (generated_count(base_out, [prompt]) / base_s)
+        rows.append((f"draft {args.draft_tag}, T={temperature:g}", f"alpha {alpha:.3f}, {per_forward:.2f} tok/fwd",
+                     f"{speedup:.2f}x wall; formula {expected_tokens_per_forward(alpha, args.gamma):.2f} tok/fwd"))
+        summary[f"draft_T{temperature:g}"] = dict(acceptance_rate=round(alpha, 3), tokens_per_target_forward=round(per_forward, 3),
+                                                  formula_tokens_per_forward=round(expected_tokens_per_forward(alpha, args.gamma), 3),
+                                                  wall_speedup=round(speedup, 2))
+
+    # 4. n-gram drafts on an input-grounded prompt: the answer copies from the prompt
+    passage = " ".join(words[600:760])
+    prompt = [bos] + tokenizer.encode(f"{passage}\n\nThe passage again, word for word:\n\n{' '.join(words[600:608])}")
+    ngram_engine = Engine(target, tokenizer, draft="ngram")
+    kw = dict(max_tokens=args.max_tokens, temperature=0.0)
+    (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
+    (ngram_out, _), ngram_s = timed(device, lambda: ngram_engine.generate_batch(prompt, speculative_num_tokens=args.gamma * 2, **kw))
+    assert ngram_out == base_out, "n-gram speculative greedy output differs from plain greedy"
+    s = ngram_engine.last_speculative_stats
+    ngram_speedup = base_s / ngram_s
+    rows.append((f"n-gram, T=0, gamma {args.gamma * 2}", f"alpha {s['acceptance_rate']:.3f}, {s['tokens_per_target_forward']:.2f} tok/fwd",
+                 f"{ngram_speedup:.2f}x wall, identical output"))
+    summary["ngram_T0"] = dict(acceptance_rate=round(s["acceptance_rate"], 3), tokens_per_target_forward=round(s["tokens_per_target_forward"], 3),
+                               wall_speedup=round(ngram_speedup, 2))
+
+    print(f"\ntarget {args.target_tag} ({target.num_params():,} params), draft {args.draft_tag} ({draft.num_params():,}), "
+          f"device {device.type}, torch threads {torch.get_num_threads()}")
+    print(f"{'measurement':<28}{'result':<34}{'ratio / note'}")
+    for name, result, note in rows:
+        print(f"{name:<28}{result:<34}{note}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
