@@ -195,7 +195,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
     target_cache = KVCache.for_model(model, 1, capacity)
     target_cached = 0
     tokens, row = list(prompt), RowState(tokenizer)
-    stats = dict(drafted=0, accepted=0, target_forwards=0, emitted=0)
+    stats = dict(drafted=0, accepted=0, target_forwards=0, emitted=0, acceptance_rate=0.0, tokens_per_target_forward=0.0)
     engine.last_speculative_stats = stats
     gamma, alpha, smoothed_entropy = gamma_max, None, None
 
@@ -236,6 +236,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
         stats["target_forwards"] += 1
         stats["drafted"] += len(drafts)
         stats["accepted"] += num_accepted
+        stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
         last_distribution = torch.softmax(logits[len(new) - len(drafts) - 1 + num_accepted].float(), dim=-1)
         if engine.draft == "ngram":
             for i in range(num_accepted + 1):
@@ -246,6 +247,8 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
             token, mask = row.next(token)
             tokens.append(token)
             stats["emitted"] += 1
+            # kept current at every token: the caller may stop iterating anywhere
+            stats["tokens_per_target_forward"] = stats["emitted"] / stats["target_forwards"]
             yield [token], [mask]
             if row.done or row.has_forced() or stats["emitted"] >= max_new:
                 break
@@ -257,5 +260,3 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
             observed = num_accepted / len(drafts)
             alpha = observed if alpha is None else 0.7 * alpha + 0.3 * observed
             gamma = acceptance_gamma(alpha, draft_cost, gamma_min, gamma_max)
-    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
-    stats["tokens_per_target_forward"] = stats["emitted"] / stats["target_forwards"] if stats["target_forwards"] else 0.0

@@ -50,6 +50,9 @@ def test_perfect_draft_accepts_everything(tokenizer):
     engine = Engine(target, tokenizer, draft=target)
     engine.generate_batch([1, 2, 3], max_tokens=40, temperature=1.0, seed=3, speculative_num_tokens=4)
     stats = engine.last_speculative_stats
+    assert stats["emitted"] == 31 and stats["acceptance_rate"] > 0.95  # this seed samples <|assistant_end|> early
+    engine.generate_batch([1, 2, 3], max_tokens=40, temperature=1.0, seed=0, speculative_num_tokens=4)
+    stats = engine.last_speculative_stats
     assert stats["emitted"] == 40  # this seed samples no terminal token
     # p and q agree up to float noise (one batched forward vs token-by-token), so nearly all are accepted
     assert stats["acceptance_rate"] > 0.95
