@@ -13,7 +13,7 @@ from collections import deque
 
 import torch
 
-from nanochat.sampling import process_logits, sample_from_probs, validate_sampling_params
+from nanochat.sampling import sample_next_token, validate_sampling_params
 
 
 class KVCache:
@@ -205,6 +205,15 @@ def _normalize_prompts(tokens):
     raise ValueError("tokens must be a list of token ids or a list of lists of token ids")
 
 
+def _select_rows(value, indices):
+    """A per-row sampling parameter (list/tensor) restricted to the rows still running; scalars pass through."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)[indices]
+    if isinstance(value, (list, tuple)):
+        return [value[i] for i in indices]
+    return value
+
+
 class Engine:
     """
     Generation with the KV cache: prefill once, then one forward per generated token (or per verified
@@ -225,7 +234,12 @@ class Engine:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer (or None for the rest of the context), got {max_tokens!r}")
-        validate_sampling_params(temperature, top_k, top_p)
+        num_rows = len(prompts) * num_samples
+        per_row = [v for v in (temperature, top_k, top_p) if isinstance(v, (list, tuple))]
+        if any(len(v) != num_rows for v in per_row):
+            raise ValueError(f"per-row sampling parameters need one value per row ({num_rows})")
+        for i in range(num_rows if per_row else 1):
+            validate_sampling_params(*(v[i] if isinstance(v, (list, tuple)) else v for v in (temperature, top_k, top_p)))
         vocab_size = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             if len(p) >= self.context_len:
@@ -271,9 +285,9 @@ class Engine:
                  speculative_num_tokens=0, **speculative_options):
         """
         Yields (token_column, token_masks) per step: one token per row (rows = prompts x num_samples,
-        prompt-major), mask 1 = sampled, 0 = forced by the calculator tool. Rows that have finished keep
-        appearing in the column; their tokens after the terminal one are meaningless (generate_batch
-        drops them). Stops when every row has emitted <|assistant_end|> / <|bos|>, after max_tokens
+        prompt-major), mask 1 = sampled, 0 = forced by the calculator tool. A finished row leaves the
+        running batch (its cache rows are dropped) and repeats its terminal token with mask 0. temperature,
+        top_k and top_p may also be per-row lists. Stops when every row has emitted <|assistant_end|> / <|bos|>, after max_tokens
         steps, or at the end of the context.
         """
         prompts, _ = _normalize_prompts(tokens)
@@ -288,13 +302,22 @@ class Engine:
         generator = torch.Generator(device=device).manual_seed(seed)
         kv_cache, logits = self.prefill(prompts, num_samples, capacity=max(map(len, prompts)) + max_new)
         rows = [RowState(self.tokenizer) for _ in range(len(prompts) * num_samples)]
+        column, masks = [None] * len(rows), [0] * len(rows)
+        active = list(range(len(rows)))  # rows still generating; KV cache row j holds rows[active[j]]
         for step in range(max_new):
-            sampled = sample_from_probs(process_logits(logits, temperature, top_k, top_p), generator)[:, 0].tolist()
-            column, masks = zip(*(row.next(s) for row, s in zip(rows, sampled)))
-            yield list(column), list(masks)
-            if all(row.done for row in rows) or step == max_new - 1:
+            params = [_select_rows(v, active) for v in (temperature, top_k, top_p)]
+            sampled = sample_next_token(logits, generator, *params)[:, 0].tolist()
+            masks = [0] * len(rows)  # finished rows repeat their terminal token with mask 0
+            for i, s in zip(active, sampled):
+                column[i], masks[i] = rows[i].next(s)
+            yield list(column), masks
+            still = [j for j, i in enumerate(active) if not rows[i].done]
+            if not still or step == max_new - 1:
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]  # (rows, 1)
+            if len(still) < len(active):  # drop finished rows from the batch: no compute is spent on them
+                kv_cache.reorder(still)
+                active = [active[j] for j in still]
+            ids = torch.tensor([column[i] for i in active], dtype=torch.long, device=device)[:, None]  # (active, 1)
             logits = self.model(ids, kv_cache=kv_cache)[:, -1]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):

@@ -46,6 +46,10 @@ def _as_column(value, B, default, dtype, device):
     return torch.full((B, 1), value, dtype=dtype, device=device)
 
 
+def _is_greedy_scalar(temperature):
+    return not isinstance(temperature, (list, tuple, torch.Tensor)) and temperature is not None and temperature <= 0
+
+
 def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """
     logits: (B, V). temperature / top_k / top_p: scalars or per-row values (None = off).
@@ -53,23 +57,40 @@ def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """
     B, V = logits.shape
     logits = logits.float()
+    if _is_greedy_scalar(temperature):  # the common greedy case: no softmax, no sort
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     temperature = _as_column(temperature, B, 1.0, torch.float32, logits.device)
-    top_k = _as_column(top_k, B, 0, torch.long, logits.device)
-    top_p = _as_column(top_p, B, 1.0, torch.float32, logits.device)
     greedy = temperature <= 0  # (B, 1)
-
-    # sort once; top-k and top-p are then masks over sorted positions
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
-    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(V, device=logits.device)[None, :]
-    keep = (top_k <= 0) | (rank < top_k)
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    # nucleus within the top-k: keep a token if the mass strictly before it is < p (so the first always stays)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep &= mass_before < top_p
-    sorted_probs = sorted_probs * keep
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    probs = torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
+    use_top_p = top_p is not None and (isinstance(top_p, (list, tuple, torch.Tensor)) or top_p < 1.0)
+    use_top_k = top_k is not None and (isinstance(top_k, (list, tuple, torch.Tensor)) or 0 < top_k < V)
+
+    if use_top_p:
+        # sort once; top-k and top-p are then masks over sorted positions
+        top_k = _as_column(top_k, B, 0, torch.long, logits.device)
+        top_p = _as_column(top_p, B, 1.0, torch.float32, logits.device)
+        sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # (B, V)
+        rank = torch.arange(V, device=logits.device)[None, :]
+        keep = (top_k <= 0) | (rank < top_k)
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+        # nucleus within the top-k: keep a token if the mass strictly before it is < p (the first always stays)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep &= mass_before < top_p
+        sorted_probs = sorted_probs * keep
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        probs = torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
+    elif use_top_k:
+        # only the k largest survive: a partial top-k instead of a full sort of the vocabulary
+        top_k = _as_column(top_k, B, 0, torch.long, logits.device).clamp(max=V)
+        k_max = int(top_k.max()) if int(top_k.max()) > 0 else V
+        values, indices = scaled.topk(k_max, dim=-1)  # (B, k_max), descending
+        rank = torch.arange(k_max, device=logits.device)[None, :]
+        values = values.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
+        masked = torch.full_like(scaled, float("-inf")).scatter_(-1, indices, values)
+        no_top_k = top_k <= 0  # rows without a top-k in a mixed batch
+        probs = torch.softmax(torch.where(no_top_k, scaled, masked), dim=-1)
+    else:
+        probs = torch.softmax(scaled, dim=-1)
 
     if greedy.any():
         one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
@@ -83,5 +104,7 @@ def sample_from_probs(probs, generator=None):
 
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> (B, 1) token ids."""
+    """logits (B, V) -> (B, 1) token ids. Greedy (temperature 0 for all rows) is a plain argmax."""
+    if _is_greedy_scalar(temperature):
+        return logits.argmax(dim=-1, keepdim=True)
     return sample_from_probs(process_logits(logits, temperature, top_k, top_p), generator)

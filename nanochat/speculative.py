@@ -148,11 +148,16 @@ def expected_tokens_per_forward(alpha, gamma):
     return gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def verify(p, drafts, q, generator):
+def verify(p, drafts, q, generator, greedy=False):
     """
     p: (γ+1, V) target distributions at the draft positions and one past them; q: (γ, V) draft
     distributions or None for one-hot drafts. Returns (number accepted, the token to emit after them).
+    greedy: p is one-hot (temperature 0), so acceptance is "draft == argmax" and no randomness is drawn.
     """
+    if greedy:
+        targets = p.argmax(dim=-1).tolist()
+        n = next((i for i, d in enumerate(drafts) if d != targets[i]), len(drafts))
+        return n, targets[n]
     for i, d in enumerate(drafts):
         if q is None:  # one-hot draft: sample s ~ p_i; accept iff s == d, else emit s
             s = int(sample_from_probs(p[i:i + 1], generator))
@@ -232,7 +237,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
         new = tokens[target_cached:] + drafts
         logits = model(torch.tensor([new], dtype=torch.long, device=device), kv_cache=target_cache)[0]
         p = process_logits(logits[len(new) - len(drafts) - 1:], **sampling)  # (len(drafts) + 1, V)
-        num_accepted, next_token = verify(p, drafts, q, generator)
+        num_accepted, next_token = verify(p, drafts, q, generator, greedy=temperature == 0)
         stats["target_forwards"] += 1
         stats["drafted"] += len(drafts)
         stats["accepted"] += num_accepted

@@ -210,3 +210,16 @@ def test_kv_cache_reorder_grows_capacity():
     cache.reorder([1, 1, 0], seq_len=10)
     assert cache.tensors["k"].shape == (1, 3, 10, 1, 2) and cache.lengths.tolist() == [3, 3, 1]
     assert (cache.tensors["k"][0, 0, :3] == 5).all() and (cache.tensors["k"][0, 2] == 0).all()
+
+
+def test_per_row_sampling_parameters(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    greedy = engine.generate_batch(prompts, max_tokens=10, temperature=0.0)[0]
+    mixed = engine.generate_batch(prompts, max_tokens=10, temperature=[0.0, 1.0], top_k=[None, 5], seed=4)[0]
+    assert mixed[0] == greedy[0]  # the greedy row is unaffected by its sampled neighbour
+    with pytest.raises(ValueError, match="one value per row"):
+        engine.generate_batch(prompts, max_tokens=4, temperature=[0.5])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate_batch(prompts, max_tokens=4, top_p=[0.5, 0.0])

@@ -98,3 +98,22 @@ def test_empirical_distribution_matches():
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         validate_sampling_params(**kwargs)
+
+
+def test_top_k_fast_path_equals_sorted_path():
+    """Top-k alone uses a partial topk; with a (trivial) top-p the full sort runs. Both must agree."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300)
+    top_k = [3, 0, 17, 300, 1]  # mixed rows, including "no top-k"
+    fast = process_logits(logits, 0.7, top_k=top_k)
+    sorted_path = process_logits(logits, 0.7, top_k=top_k, top_p=[1.0] * 5)
+    assert torch.allclose(fast, sorted_path, atol=1e-6)
+    assert ((fast > 0).sum(-1)).tolist() == [3, 300, 17, 300, 1]
+
+
+def test_greedy_sampling_is_argmax_without_randomness():
+    logits = torch.randn(6, 50)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert torch.equal(sample_next_token(logits, g, 0.0)[:, 0], logits.argmax(-1))
+    assert torch.equal(g.get_state(), state)  # greedy draws nothing from the generator
