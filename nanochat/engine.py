@@ -273,9 +273,9 @@ class Engine:
         pad = self.tokenizer.get_pad_token_id()
         ids = torch.tensor([p + [pad] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)
         kv_cache = KVCache.for_model(self.model, len(prompts), T)
-        logits = self.model(ids, kv_cache=kv_cache)  # (P, T, V)
+        last_index = torch.tensor(lengths, device=device) - 1
+        last = self.model(ids, kv_cache=kv_cache, logits_at=last_index)[:, 0]  # (P, V)
         kv_cache.set_lengths(lengths)
-        last = logits[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
         rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
         kv_cache.reorder(rows, seq_len=max(capacity or T, T))
         return kv_cache, last[rows]

@@ -275,10 +275,12 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         """
         idx: (B, T) token ids. targets: (B, T) with -1 where no loss is taken.
-        Returns the loss when targets are given, else float32 logits (B, T, vocab_size).
+        Returns the loss when targets are given, else float32 logits (B, T, vocab_size); with
+        logits_at ((B,) time indices) only those positions go through the unembedding: (B, 1, vocab_size)
+        (a prefill needs the last prompt token's logits only, and the unembedding is the widest matmul).
         With a kv_cache, row b's tokens sit at positions kv_cache.lengths[b] + 0..T-1 and the cache
         lengths advance by T.
         """
@@ -305,6 +307,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, n_embd)
         logits = self.lm_head(x).float()
         softcap = self.config.logit_softcap
         logits = softcap * torch.tanh(logits / softcap)

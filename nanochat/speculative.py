@@ -200,7 +200,8 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
     target_cache = KVCache.for_model(model, 1, capacity)
     target_cached = 0
     tokens, row = list(prompt), RowState(tokenizer)
-    stats = dict(drafted=0, accepted=0, target_forwards=0, emitted=0, acceptance_rate=0.0, tokens_per_target_forward=0.0)
+    stats = dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
+                 position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
     engine.last_speculative_stats = stats
     gamma, alpha, smoothed_entropy = gamma_max, None, None
 
@@ -241,7 +242,11 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
         stats["target_forwards"] += 1
         stats["drafted"] += len(drafts)
         stats["accepted"] += num_accepted
+        stats["rejected"] += num_accepted < len(drafts)
         stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+        # per verified position (drafts after a rejection are never examined): the α of the formula
+        decided = stats["accepted"] + stats["rejected"]
+        stats["position_acceptance_rate"] = stats["accepted"] / decided if decided else 0.0
         last_distribution = torch.softmax(logits[len(new) - len(drafts) - 1 + num_accepted].float(), dim=-1)
         if engine.draft == "ngram":
             for i in range(num_accepted + 1):

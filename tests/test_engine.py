@@ -103,7 +103,7 @@ class ScriptedModel(torch.nn.Module):
     def kv_cache_layout(self):
         return {"k": (1, 1)}
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         B, T = idx.shape
         positions = kv_cache.positions(T)
         logits = torch.zeros(B, T, self.vocab_size)
@@ -112,6 +112,8 @@ class ScriptedModel(torch.nn.Module):
                 nxt = int(positions[b, t]) + 1
                 logits[b, t, self.script[min(nxt, len(self.script) - 1)]] = 20.0
         kv_cache.advance(T)
+        if logits_at is not None:
+            return logits[torch.arange(B), logits_at].unsqueeze(1)
         return logits
 
 

@@ -152,3 +152,13 @@ def test_cache_full_is_an_error():
     kv_cache = KVCache.for_model(model, batch_size=1, seq_len=8)
     with torch.no_grad(), pytest.raises(ValueError, match="full"):
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=kv_cache)
+
+
+def test_logits_at_selects_positions():
+    model = tiny_model("gqa", 2).eval()
+    idx = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, logits_at=torch.tensor([11, 0, 5]))
+    assert picked.shape == (3, 1, VOCAB)
+    assert torch.allclose(picked[:, 0], full[torch.arange(3), torch.tensor([11, 0, 5])], atol=1e-6)
