@@ -63,11 +63,11 @@ class NgramDrafter:
                 self._add((), tokens[i], 1.0)
         self.observed = len(tokens)
 
-    def observe_target(self, context_tokens, target_probs):
-        """Filler: the target's top-k at a verified position (probs (V,)) become weak observations."""
+    def observe_target(self, context_tokens, target_scores):
+        """Filler: the target's top-k at a verified position (logits or probs (V,)) become weak observations."""
         if self.filler_top_k <= 0:
             return
-        top = target_probs.topk(self.filler_top_k).indices.tolist()
+        top = target_scores.topk(self.filler_top_k).indices.tolist()
         for n in range(self.min_n, self.max_n + 1):
             if len(context_tokens) >= n - 1:
                 context = tuple(context_tokens[len(context_tokens) - (n - 1):])
@@ -152,7 +152,7 @@ def verify(p, drafts, q, generator, greedy=False):
     """
     p: (γ+1, V) target distributions at the draft positions and one past them; q: (γ, V) draft
     distributions or None for one-hot drafts. Returns (number accepted, the token to emit after them).
-    greedy: p is one-hot (temperature 0), so acceptance is "draft == argmax" and no randomness is drawn.
+    greedy: temperature 0, so acceptance is "draft == argmax p" and no randomness is drawn (p may be logits).
     """
     if greedy:
         targets = p.argmax(dim=-1).tolist()
@@ -187,6 +187,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
     device = model.get_device()
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    greedy = temperature == 0
     capacity = len(prompt) + max_new + gamma_max + 1
     if engine.draft == "ngram":
         drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k)
@@ -237,8 +238,10 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
         target_cache.set_lengths([target_cached])
         new = tokens[target_cached:] + drafts
         logits = model(torch.tensor([new], dtype=torch.long, device=device), kv_cache=target_cache)[0]
-        p = process_logits(logits[len(new) - len(drafts) - 1:], **sampling)  # (len(drafts) + 1, V)
-        num_accepted, next_token = verify(p, drafts, q, generator, greedy=temperature == 0)
+        p = logits[len(new) - len(drafts) - 1:]  # (len(drafts) + 1, V) at the draft positions and one past
+        if not greedy:  # greedy verification only compares argmaxes: no distribution needed
+            p = process_logits(p, **sampling)
+        num_accepted, next_token = verify(p, drafts, q, generator, greedy=greedy)
         stats["target_forwards"] += 1
         stats["drafted"] += len(drafts)
         stats["accepted"] += num_accepted
@@ -249,8 +252,8 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
         stats["position_acceptance_rate"] = stats["accepted"] / decided if decided else 0.0
         last_distribution = torch.softmax(logits[len(new) - len(drafts) - 1 + num_accepted].float(), dim=-1)
         if engine.draft == "ngram":
-            for i in range(num_accepted + 1):
-                drafter.observe_target(tokens + drafts[:i], p[i])
+            for i in range(num_accepted + 1 if drafter.filler_top_k > 0 else 0):
+                drafter.observe_target(tokens + drafts[:i], logits[len(new) - len(drafts) - 1 + i])
         target_cached = len(tokens) + num_accepted  # cache holds everything up to the last accepted draft
 
         for token in drafts[:num_accepted] + [next_token]:
