@@ -1,0 +1,206 @@
+"""
+The training loop shared by midtraining and SFT: start from an earlier stage's checkpoint, train on
+conversations (nanochat.dataloader.ConversationLoader), evaluate the loss on held-out conversations,
+checkpoint, and resume exactly from a checkpoint of this stage.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import autocast_dtype, compute_cleanup, get_base_dir, print0, synchronize
+from nanochat.dataloader import ConversationLoader
+from nanochat.optim import apply_schedule, setup_optimizers
+from nanochat.report import get_report
+
+
+def add_finetune_flags(p, source, dest, lr_frac, max_seq_len, device_batch_size, examples_per_step):
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--source", default=source, choices=list(SOURCES), help="the checkpoints to start from")
+    p.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest)")
+    p.add_argument("--model-step", type=int, default=None, help="checkpoint step to start from (default: newest)")
+    p.add_argument("--dest", default=dest, choices=list(SOURCES), help=argparse.SUPPRESS)
+    p.add_argument("--max-seq-len", type=int, default=max_seq_len)
+    p.add_argument("--device-batch-size", type=int, default=device_batch_size)
+    p.add_argument("--examples-per-step", type=int, default=examples_per_step,
+                   help="rows per optimizer step over all processes (gradient accumulation is derived)")
+    p.add_argument("--num-epochs", type=float, default=1.0)
+    p.add_argument("--num-iterations", type=int, default=-1, help="overrides --num-epochs")
+    p.add_argument("--init-lr-frac", type=float, default=lr_frac, help="learning rates relative to pretraining")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of the run with a linearly falling lr")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=-1)
+    p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_finetune_flags(p, args):
+    for name in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_epochs <= 0 or args.num_iterations == 0 or not 0 < args.init_lr_frac <= 10:
+        p.error("--num-epochs and --num-iterations must be positive, --init-lr-frac in (0, 10]")
+    if not 0 <= args.warmdown_ratio <= 1:
+        p.error("--warmdown-ratio must be in [0, 1]")
+
+
+@torch.no_grad()
+def conversation_loss(model, loader, num_batches):
+    """Mean loss (nats) per trained token over num_batches of held-out conversations."""
+    total, count = 0.0, 0
+    for _ in range(num_batches):
+        x, y = next(loader)
+        losses = model(x, y, loss_reduction="none")
+        total += float(losses.sum())
+        count += int((y >= 0).sum())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([total, count], dtype=torch.float64, device=x.device)
+        torch.distributed.all_reduce(t)
+        total, count = float(t[0]), int(t[1])
+    return total / max(count, 1)
+
+
+def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
+    """Train `args.source` -> `args.dest` checkpoints on conversations. Returns the process exit code."""
+    is_ddp, rank, _, world_size, device = ddp_info
+    try:
+        model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
+                                                   step=args.model_step)
+    except (CheckpointError, FileNotFoundError) as e:
+        print0(f"error: {e}")
+        compute_cleanup()
+        return 1
+    args.max_seq_len = min(args.max_seq_len, model.config.sequence_len)
+    rows_per_micro_step = args.device_batch_size * world_size
+    if args.examples_per_step % rows_per_micro_step != 0:
+        print0(f"error: --examples-per-step {args.examples_per_step} must be a multiple of device_batch_size x "
+               f"world_size = {rows_per_micro_step}")
+        compute_cleanup()
+        return 1
+    grad_accum_steps = args.examples_per_step // rows_per_micro_step
+    rows_per_epoch = len(train_set) if not packed else estimate_packed_rows(train_set, tokenizer, args.max_seq_len)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, round(args.num_epochs * rows_per_epoch / args.examples_per_step))
+    model_tag = args.model_tag or source_meta.get("model_tag") or f"d{model.config.n_layer}"
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES[args.dest], model_tag)
+
+    lr = dict(unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
+              matrix_lr=args.matrix_lr * args.init_lr_frac)
+    optimizers = setup_optimizers(model, rank=rank, world_size=world_size, **lr)
+    start_step, loader_state, curve = 0, None, {"steps": [], "loss": []}
+    if args.resume_from_step >= 0:
+        try:
+            state, optim_states, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+        except CheckpointError as e:
+            print0(f"error: cannot resume: {e}")
+            compute_cleanup()
+            return 1
+        model.load_state_dict(state)
+        for opt, s in zip(optimizers, optim_states):
+            opt.load_state_dict(s)
+        start_step, loader_state = meta["step"], meta["dataloader_state"][rank]
+        print0(f"resumed from step {start_step} of {checkpoint_dir}")
+
+    loader = ConversationLoader(train_set, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size,
+                                device, packed=packed, seed=args.seed, resume_state=loader_state)
+    dtype = autocast_dtype(device.type)
+    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    print0(f"{section}: {args.source} {model_tag} -> {args.dest}, {num_iterations} steps x {args.examples_per_step} rows "
+           f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of <= {args.max_seq_len} tokens")
+    print0(f"data: {data_summary}")
+
+    val_loss, t_start = None, time.time()
+    for step in range(start_step, num_iterations + 1):
+        last_step = step == num_iterations
+        if last_step or (step % args.eval_every == 0 and step > start_step):
+            model.eval()
+            val_loader = ConversationLoader(val_set, tokenizer, args.device_batch_size, args.max_seq_len, rank,
+                                            world_size, device, packed=packed, seed=12345)
+            with autocast:
+                val_loss = conversation_loss(model, val_loader, args.eval_batches)
+            print0(f"step {step:05d} | val loss {val_loss:.4f}")
+            model.train()
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            states = [loader.state_dict()]
+            if is_ddp:
+                states = [None] * world_size
+                torch.distributed.all_gather_object(states, loader.state_dict())
+            meta = dict(model_config=model.config_dict(), user_config=vars(args), val_loss=val_loss, model_tag=model_tag,
+                        dataloader_state=states, source=args.source, source_step=source_meta["step"])
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
+        if last_step:
+            break
+
+        synchronize(device.type)
+        t0 = time.time()
+        train_loss, tokens = torch.zeros((), device=device), 0
+        for _ in range(grad_accum_steps):
+            x, y = next(loader)
+            with autocast:
+                loss = model(x, y)
+            train_loss += loss.detach()
+            tokens += int((y >= 0).sum())
+            (loss / grad_accum_steps).backward()
+        lrm = apply_schedule(optimizers, step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = float(train_loss) / grad_accum_steps
+        synchronize(device.type)
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
+        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
+               f"trained tok/s {tokens * world_size / dt:,.0f} | eta {eta / 60:.1f} min")
+        curve["steps"].append(step + 1)
+        curve["loss"].append(train_loss)
+
+    report = get_report()
+    report.log(section=section, data=[
+        {"source": f"{args.source} {model_tag} step {source_meta['step']}", "iterations": num_iterations,
+         "examples per step": args.examples_per_step, "max seq len": args.max_seq_len, "data": data_summary},
+        {"final val loss": val_loss, "training time (s)": time.time() - t_start}])
+    if hasattr(report, "log_curve") and curve["steps"]:
+        report.log_curve(f"{section} loss", curve["steps"], curve["loss"], "train loss")
+    compute_cleanup()
+    return 0
+
+
+def estimate_packed_rows(dataset, tokenizer, max_len, sample=256):
+    """Rows one epoch of packed conversations fills, from the mean rendered length of a sample."""
+    n = min(sample, len(dataset))
+    step = max(1, len(dataset) // n)
+    lengths = [len(tokenizer.render_conversation(dataset[i], max_tokens=max_len + 1)[0]) for i in range(0, len(dataset), step)[:n]]
+    return max(1, round(len(dataset) * (sum(lengths) / len(lengths)) / (max_len + 1)))
+
+
+def describe_mixture(named_counts):
+    """'GSM8K 7473, SmolTalk 9000, ...' for logs and the report."""
+    return ", ".join(f"{name} {count:,}" for name, count in named_counts) or "nothing"
+
+
+def load_available(candidates):
+    """
+    candidates: [(name, zero-argument constructor)]. Builds each task; one whose data is unavailable
+    (offline, not in NANOCHAT_DATA_DIR) is skipped with a message. Returns ([tasks], "name count, ..."),
+    so a stage says exactly what it trained on.
+    """
+    tasks, used = [], []
+    for name, build in candidates:
+        try:
+            task = build()
+        except (RuntimeError, FileNotFoundError, OSError) as e:  # DatasetUnavailable is a RuntimeError
+            print0(f"  skipping {name}: {str(e).splitlines()[0]}")
+            continue
+        if len(task) == 0:
+            print0(f"  skipping {name}: no conversations")
+            continue
+        tasks.append(task)
+        used.append((name, len(task)))
+    return tasks, describe_mixture(used)

@@ -1,0 +1,233 @@
+"""
+Evaluate a chat model on tasks.
+
+python -m scripts.chat_eval -i sft                              # every task
+python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" -x 100   # some tasks, at most 100 problems each
+python -m scripts.chat_eval -i sft -a AIME -n 8 -t 0.7          # pass@8 on AIME 2024 + 2025
+torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft
+
+Categorical tasks (multiple choice) score by restricting the next-token logits to the answer letters.
+Generative tasks decode many problems at once through Engine.generate_batch (one batch of prompts, each
+with -n samples) and count a problem solved if any sample is correct (pass@n).
+"""
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import autocast_dtype, compute_cleanup, compute_init, print0
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat.sampling import validate_sampling_params
+
+ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AIME"]
+# random-guess accuracy of each task, for ChatCORE (mean of (acc - baseline) / (1 - baseline))
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+TASK_NAMES = ALL_TASKS + ["AIME-2024", "AIME-2025"]
+
+
+def load_task(name):
+    """Task objects are built lazily so that one missing dataset does not stop the others."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(subset=name, split="test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU(subset="all", split="test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="test")
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    if name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+        return SpellingBee(size=256, split="test")
+    if name.startswith("AIME"):
+        from tasks.aime import AIME
+        return AIME(year=int(name.split("-")[1]) if "-" in name else None)
+    raise ValueError(f"unknown task {name!r}; choose from {TASK_NAMES}")
+
+
+def shard_indices(n, rank, world_size, max_problems):
+    n = n if max_problems is None else min(n, max_problems)
+    return list(range(rank, n, world_size)), n
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, indices, batch_size, device):
+    """Returns [(index, conversation, predicted letter, correct)] for this rank's problems."""
+    bos = tokenizer.get_bos_token_id()
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        conversations = [task[i] for i in chunk]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        longest = max(map(len, prompts))
+        ids = torch.tensor([p + [bos] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = model(ids, logits_at=last)[:, 0]  # (B, V)
+        for row, conversation in enumerate(conversations):
+            letters = conversation["letters"]
+            letter_ids = [tokenizer.encode(letter) for letter in letters]
+            if any(len(t) != 1 for t in letter_ids):
+                raise ValueError(f"answer letters {letters} are not single tokens for this tokenizer")
+            scores = logits[row, [t[0] for t in letter_ids]]  # only the letters compete
+            letter = letters[int(scores.argmax())]
+            out.append((chunk[row], conversation, letter, task.evaluate(conversation, letter)))
+    return out
+
+
+@torch.no_grad()
+def run_generative(engine, task, indices, batch_size, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Returns [(index, conversation, completions, correct)]: correct if any of the samples is (pass@n)."""
+    tokenizer = engine.tokenizer
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        conversations = [task[i] for i in chunk]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        room = engine.context_len - max(map(len, prompts))
+        if room < 1:  # a prompt longer than the context: that problem counts as unsolved
+            keep = [j for j, p in enumerate(prompts) if len(p) < engine.context_len]
+            out += [(chunk[j], conversations[j], [], 0) for j in range(len(chunk)) if j not in keep]
+            chunk, conversations, prompts = [chunk[j] for j in keep], [conversations[j] for j in keep], [prompts[j] for j in keep]
+            if not prompts:
+                continue
+        results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed + start)
+        for j, (index, conversation, prompt) in enumerate(zip(chunk, conversations, prompts)):
+            samples = results[j * num_samples:(j + 1) * num_samples]
+            completions = [tokenizer.decode(r[len(prompt):]) for r in samples]
+            correct = int(any(task.evaluate(conversation, c) for c in completions))
+            out.append((index, conversation, completions, correct))
+    return out
+
+
+def gather(records):
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, records)
+        records = [r for part in everyone for r in part]
+    return sorted(records, key=lambda r: r[0])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a chat model on tasks")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"])
+    p.add_argument("-a", "--task-name", default="|".join(ALL_TASKS), help=f"tasks separated by |, from {TASK_NAMES}")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem (pass@n)")
+    p.add_argument("-t", "--temperature", type=float, default=0.0)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward / generation batch")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    p.add_argument("-g", "--model-tag", default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log-samples", default=None, help="write every problem, completion, answer and verdict to this JSONL")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.task_name.split("|") if t.strip()]
+    unknown = [t for t in args.tasks if t not in TASK_NAMES]
+    if unknown or not args.tasks:
+        p.error(f"unknown task(s) {unknown}; choose from {TASK_NAMES}")
+    for name in ("num_samples", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_problems is not None and args.max_problems < 1:
+        p.error("--max-problems must be >= 1")
+    try:
+        validate_sampling_params(args.temperature, args.top_k, None)
+    except ValueError as e:
+        p.error(str(e))
+    if args.num_samples > 1 and args.temperature == 0:
+        print("note: -n > 1 with -t 0 draws identical greedy samples; use -t > 0 for pass@n", file=sys.stderr)
+    return args
+
+
+def log_samples(path, task, task_name, records):
+    """One JSON line per problem: prompt, reference, completion(s), extracted answer(s), verdict."""
+    extract = getattr(importlib.import_module(type(task).__module__), "extract_answer", None)
+    with open(path, "a", encoding="utf-8") as f:
+        for index, conversation, answer, correct in records:
+            row = {"task": task_name, "index": index, "prompt": conversation["messages"][:-1],
+                   "reference": conversation["messages"][-1]["content"], "correct": bool(correct)}
+            if task.eval_type == "categorical":
+                row["predicted"] = answer
+            else:
+                row["completions"] = answer
+                row["extracted"] = [extract(c) for c in answer] if extract else None
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+def evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size):
+    task = load_task(name)
+    indices, total = shard_indices(len(task), rank, world_size, args.max_problems)
+    t0 = time.time()
+    if task.eval_type == "categorical":
+        records = run_categorical(model, tokenizer, task, indices, args.batch_size, device)
+    else:
+        records = run_generative(engine, task, indices, args.batch_size, args.num_samples, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.seed)
+    records = gather(records)
+    accuracy = sum(r[3] for r in records) / max(len(records), 1)
+    print0(f"{name}: {accuracy:.4f} ({sum(r[3] for r in records)}/{len(records)}) in {time.time() - t0:.1f}s")
+    if args.log_samples and rank == 0:
+        log_samples(args.log_samples, task, name, records)
+    return accuracy, records
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except (CheckpointError, FileNotFoundError) as e:
+        print0(f"error: {e}")
+        compute_cleanup()
+        return 1
+    dtype = autocast_dtype(device.type)
+    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    engine = Engine(model, tokenizer)
+    if args.log_samples and rank == 0:
+        open(args.log_samples, "w").close()
+
+    results, skipped = {}, {}
+    for name in args.tasks:
+        try:
+            with autocast:
+                accuracy, records = evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size)
+        except Exception as e:  # noqa: BLE001 - a missing dataset skips that task, with the reason
+            if type(e).__name__ != "DatasetUnavailable" and not isinstance(e, FileNotFoundError):
+                raise
+            print0(f"{name}: skipped ({e})")
+            skipped[name] = str(e)
+            continue
+        results[name] = accuracy
+        if name == "AIME":  # per-year accuracy from the same run
+            for year in (2024, 2025):
+                year_records = [r for r in records if r[1].get("year") == year]
+                if year_records:
+                    results[f"AIME-{year}"] = sum(r[3] for r in year_records) / len(year_records)
+                    print0(f"  AIME-{year}: {results[f'AIME-{year}']:.4f} ({sum(r[3] for r in year_records)}/{len(year_records)})")
+
+    if all(name in results for name in BASELINES):
+        results["ChatCORE"] = sum((results[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES)
+        print0(f"ChatCORE: {results['ChatCORE']:.4f}")
+    settings = {"source": args.source, "model step": meta["step"], "num samples": args.num_samples,
+                "temperature": args.temperature, "max problems": args.max_problems}
+    get_report().log(section=f"Chat evaluation {args.source}",
+                     data=[settings, results, *[f"skipped {k}: {v}" for k, v in skipped.items()]])
+    compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
