@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline, start to finish: environment, data, tokenizer, base model, report.
+# The whole pipeline, start to finish: environment, data, tokenizer, base model, midtraining, SFT,
+# evaluations, report (RUN_RL=1 adds RL on GSM8K).
 #
 #   bash speedrun.sh                       # 8-GPU node: the d20 model (~$100 of compute); no GPU: dev/runcpu.sh
 #   WANDB_RUN=d20 bash speedrun.sh         # also log to Weights & Biases
@@ -44,6 +45,21 @@ stage "base model d$DEPTH on $NUM_GPUS GPUs (~3 h on 8xH100 for d20)"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_train --depth "$DEPTH" \
     --device-batch-size "$DEVICE_BATCH" --run "$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss --device-batch-size "$DEVICE_BATCH"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_eval
+
+stage "midtraining (~15 min)"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.mid_train --device-batch-size "$DEVICE_BATCH" --run "$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -i mid
+
+stage "supervised finetuning (~10 min)"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_sft --run "$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -i sft
+
+if [ "${RUN_RL:-0}" = "1" ]; then   # optional: RL on GSM8K (~1 h)
+    stage "RL on GSM8K"
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_rl
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -i rl -a GSM8K
+fi
 
 stage "report"
 python -m nanochat.report generate

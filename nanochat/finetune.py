@@ -11,7 +11,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import autocast_dtype, compute_cleanup, get_base_dir, print0, synchronize
+from nanochat.common import DummyWandb, autocast_dtype, compute_cleanup, get_base_dir, print0, synchronize
 from nanochat.dataloader import ConversationLoader
 from nanochat.optim import apply_schedule, setup_optimizers
 from nanochat.report import get_report
@@ -116,6 +116,10 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
            f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of <= {args.max_seq_len} tokens")
     print0(f"data: {data_summary}")
 
+    wandb_run = DummyWandb()
+    if args.run != "dummy" and rank == 0:
+        import wandb
+        wandb_run = wandb.init(project="nanochat", name=args.run, config=vars(args), group=section)
     val_loss, t_start = None, time.time()
     for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
@@ -126,6 +130,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
             with autocast:
                 val_loss = conversation_loss(model, val_loader, args.eval_batches)
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
+            wandb_run.log({"step": step, "val/loss": val_loss})
             model.train()
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             states = [loader.state_dict()]
@@ -158,6 +163,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"trained tok/s {tokens * world_size / dt:,.0f} | eta {eta / 60:.1f} min")
+        wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lrm})
         curve["steps"].append(step + 1)
         curve["loss"].append(train_loss)
 
@@ -168,6 +174,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
         {"final val loss": val_loss, "training time (s)": time.time() - t_start}])
     if hasattr(report, "log_curve") and curve["steps"]:
         report.log_curve(f"{section} loss", curve["steps"], curve["loss"], "train loss")
+    wandb_run.finish()
     compute_cleanup()
     return 0
 
