@@ -1,0 +1,114 @@
+"""
+End to end on CPU: a tiny base checkpoint -> mid_train -> chat_sft -> chat_eval (categorical and
+generative tasks, AIME per year, --log-samples) -> chat_rl, with a small dataset mirror written by the test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def make_mirror(root):
+    """A few examples of each dataset, in the NANOCHAT_DATA_DIR layout."""
+    gsm8k = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?",
+              "answer": f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}"}
+             for i in range(1, 13)]
+    write_jsonl(root / "gsm8k" / "train.jsonl", gsm8k)
+    write_jsonl(root / "gsm8k" / "test.jsonl", gsm8k[:6])
+    chats = [{"messages": [{"role": "user", "content": f"Say something about the number {i}."},
+                           {"role": "assistant", "content": f"The number {i} comes after {i - 1}."}]} for i in range(1, 41)]
+    write_jsonl(root / "chat_sft" / "tiny.messages.jsonl", chats)
+    arc = [{"query": f"Question: Which number is largest, option {i}?\nAnswer:", "choices": ["1", "2", "3", "40"], "gold": 3}
+           for i in range(6)]
+    write_jsonl(root / "arc" / "arc_easy_test.jsonl", arc)
+    for year in (2024, 2025):
+        rows = [{"ID": f"{year}-I-{i}", "Problem": f"What is {i} times 3?", "Solution": "", "Answer": 3 * i} for i in range(1, 4)]
+        write_jsonl(root / "aime" / f"aime_{year}.jsonl", rows)
+
+
+@pytest.fixture
+def env(isolated_base_dir, tmp_path):
+    mirror = tmp_path / "mirror"
+    make_mirror(mirror)
+    text = ["Tom has apples. He buys more apples. The number comes after. Which number is largest? " * 20,
+            "What is 3 times 4? It is 12. Say something about the number 7. #### 14 " * 20]
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(text), 400)
+    tokenizer.save(str(isolated_base_dir / "tokenizer"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    save_checkpoint(str(isolated_base_dir / "base_checkpoints" / "d2"), 10, model.state_dict(), None,
+                    dict(model_config=model.config_dict()))
+    environment = dict(os.environ, NANOCHAT_BASE_DIR=str(isolated_base_dir), NANOCHAT_DATA_DIR=str(mirror),
+                       HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return environment
+
+
+def run(args, env, expect=0):
+    result = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == expect, f"{args} exited {result.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
+    small = ["--max-seq-len", "128", "--device-batch-size", "2", "--examples-per-step", "4", "--num-iterations", "3",
+             "--eval-every", "2", "--eval-batches", "1"]
+    out = run(["scripts.mid_train", *small], env)
+    assert "GSM8K train 12" in out and "val loss" in out
+    assert os.path.exists(isolated_base_dir / "mid_checkpoints" / "d2" / "model_000003.pt")
+    out = run(["scripts.chat_sft", *small], env)
+    assert "identity_conversations.jsonl" in out and "skipping ARC-Easy train" in out  # says what it used
+    assert os.path.exists(isolated_base_dir / "chatsft_checkpoints" / "d2" / "meta_000003.json")
+
+    # resume continues from the saved step
+    run(["scripts.chat_sft", *small, "--num-iterations", "4", "--resume-from-step", "3"], env)
+    assert os.path.exists(isolated_base_dir / "chatsft_checkpoints" / "d2" / "model_000004.pt")
+
+    samples = tmp_path / "samples.jsonl"
+    out = run(["scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy|GSM8K|AIME", "-x", "4", "-b", "3", "-m", "16",
+               "--log-samples", str(samples)], env)
+    assert "ARC-Easy:" in out and "GSM8K:" in out and "AIME-2024:" in out and "AIME-2025:" in out
+    logged = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert {r["task"] for r in logged} == {"ARC-Easy", "GSM8K", "AIME"}
+    assert all("correct" in r for r in logged) and any("extracted" in r for r in logged)
+    report = (isolated_base_dir / "report" / "chat-evaluation-sft.md").read_text()
+    assert "ARC-Easy" in report and "AIME" in report
+
+    out = run(["scripts.chat_eval", "-i", "sft", "-a", "MMLU", "-x", "2"], env)
+    assert "MMLU: skipped" in out  # not in the mirror and the hub is offline: skipped with the reason
+
+    out = run(["scripts.chat_rl", "--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
+               "--num-iterations", "2", "--eval-every", "2", "--eval-examples", "2", "--pass-k", "2"], env)
+    assert "mean reward" in out and "pass@2" in out
+    assert os.path.exists(isolated_base_dir / "chatrl_checkpoints" / "d2" / "model_000002.pt")
+
+
+def test_chat_stage_errors(env, isolated_base_dir):
+    out = run(["scripts.chat_sft", "--examples-per-step", "3", "--device-batch-size", "2"], env, expect=1)
+    assert "mid_checkpoints" in out and "Traceback" not in out  # no midtrained model yet
+    out = run(["scripts.chat_sft", "--source", "base", "--examples-per-step", "3", "--device-batch-size", "2"], env, expect=1)
+    assert "multiple of" in out and "Traceback" not in out
+    out = run(["scripts.chat_eval", "-i", "rl"], env, expect=1)
+    assert "no checkpoints directory" in out and "Traceback" not in out
+    out = run(["scripts.chat_eval", "-a", "Jeopardy"], env, expect=2)
+    assert "unknown task" in out
+    out = run(["scripts.chat_sft", "--custom-json", "/nonexistent.jsonl"], env, expect=2)
+    assert "not found" in out
