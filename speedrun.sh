@@ -32,8 +32,13 @@ if python -m nanochat.dataset -n 8; then
     python -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
 else
-    echo "Download failed; the training scripts will import \$NANOCHAT_DATA_DIR/pretrain if it is set."
     DOWNLOAD_PID=
+    if [ -n "${NANOCHAT_DATA_DIR:-}" ]; then
+        echo "Download failed; the training scripts will import \$NANOCHAT_DATA_DIR/pretrain."
+    else
+        echo "!!! Download failed and no NANOCHAT_DATA_DIR: building a FALLBACK corpus from installed package docs."
+        python -m nanochat.dataset --from-installed-docs
+    fi
 fi
 
 stage "tokenizer (~1 min)"

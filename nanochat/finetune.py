@@ -172,7 +172,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
         {"source": f"{args.source} {model_tag} step {source_meta['step']}", "iterations": num_iterations,
          "examples per step": args.examples_per_step, "max seq len": args.max_seq_len, "data": data_summary},
         {"final val loss": val_loss, "training time (s)": time.time() - t_start}])
-    if hasattr(report, "log_curve") and curve["steps"]:
+    if curve["steps"]:
         report.log_curve(f"{section} loss", curve["steps"], curve["loss"], "train loss")
     wandb_run.finish()
     compute_cleanup()

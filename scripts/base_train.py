@@ -197,6 +197,7 @@ def main(argv=None):
 
     peak_flops = peak_flops_per_second(device_type)
     user_config = vars(args).copy()
+    curves = loop_state.get("curves", {"train_steps": [], "train_loss": [], "val_steps": [], "val_bpb": []})
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     val_bpb = loop_state.get("val_bpb")
     total_training_time = loop_state.get("total_training_time", 0.0)
@@ -216,6 +217,8 @@ def main(argv=None):
                                  **loader_kwargs) as val_loader, autocast:
                 val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
+            curves["val_steps"].append(step)
+            curves["val_bpb"].append(val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if loss_log:
@@ -231,7 +234,7 @@ def main(argv=None):
 
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             loop_state = dict(min_val_bpb=min_val_bpb, val_bpb=val_bpb, total_training_time=total_training_time,
-                              steps_timed=steps_timed)
+                              steps_timed=steps_timed, curves=curves)
             # every rank's loader state travels in meta (small), so any rank can resume its streams
             loader_states = [train_loader.state_dict()]
             if is_ddp:
@@ -276,6 +279,8 @@ def main(argv=None):
         print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.2f}%) | loss {train_loss:.6f} | "
                f"lrm {lr_mult:.3f} | dt {dt * 1000:.0f}ms | tok/s {tokens_per_second:,.0f} | "
                f"FLOP/s {flops_per_second:.3e} | mfu {mfu} | eta {eta}")
+        curves["train_steps"].append(step + 1)
+        curves["train_loss"].append(train_loss)
         wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lr_mult, "train/tok_per_sec": tokens_per_second})
         if loss_log:
             loss_log.write(json.dumps({"step": step + 1, "loss": train_loss, "lrm": lr_mult,
@@ -284,7 +289,10 @@ def main(argv=None):
 
     train_loader.close()  # stop the prefetch thread before the interpreter shuts down
     print0(f"done: min val bpb {min_val_bpb:.4f} | training time {format_duration(total_training_time)}")
-    get_report().log(section="Base model training", data=[
+    report = get_report()
+    report.log_curve("Base model training loss", curves["train_steps"], curves["train_loss"], ylabel="train loss")
+    report.log_curve("Base model validation bpb", curves["val_steps"], curves["val_bpb"], ylabel="val bpb")
+    report.log(section="Base model training", data=[
         user_config,
         {"parameters": num_params, "FLOPs per token": flops_per_token, "iterations": num_iterations,
          "training tokens": num_iterations * args.total_batch_size, "world size": world_size,

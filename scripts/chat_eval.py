@@ -23,8 +23,9 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_dtype, compute_cleanup, compute_init, print0
 from nanochat.engine import Engine
-from nanochat.report import get_report
+from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
+from tasks.common import DatasetUnavailable
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AIME"]
 # random-guess accuracy of each task, for ChatCORE (mean of (acc - baseline) / (1 - baseline))
@@ -204,9 +205,7 @@ def main(argv=None):
         try:
             with autocast:
                 accuracy, records = evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size)
-        except Exception as e:  # noqa: BLE001 - a missing dataset skips that task, with the reason
-            if type(e).__name__ != "DatasetUnavailable" and not isinstance(e, FileNotFoundError):
-                raise
+        except (DatasetUnavailable, FileNotFoundError) as e:  # a missing dataset skips that task, with the reason
             print0(f"{name}: skipped ({e})")
             skipped[name] = str(e)
             continue
@@ -223,8 +222,9 @@ def main(argv=None):
         print0(f"ChatCORE: {results['ChatCORE']:.4f}")
     settings = {"source": args.source, "model step": meta["step"], "num samples": args.num_samples,
                 "temperature": args.temperature, "max problems": args.max_problems}
-    get_report().log(section=f"Chat evaluation {args.source}",
-                     data=[settings, results, *[f"skipped {k}: {v}" for k, v in skipped.items()]])
+    # merged into the section, so evaluating tasks in separate runs accumulates them in the report
+    get_report().log_metrics(chat_eval_section(args.source),
+                             {**settings, **results, **{f"skipped {k}": v.splitlines()[0] for k, v in skipped.items()}})
     compute_cleanup()
     return 0
 

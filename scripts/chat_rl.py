@@ -206,7 +206,7 @@ def main(argv=None):
          "problems per step": args.examples_per_step, "samples per problem": args.num_samples},
         {f"GSM8K pass@{j + 1}": v for j, v in enumerate(pass_at_k or [])},
         {"mean reward (last step)": rewards_curve[-1] if rewards_curve else None, "training time (s)": time.time() - t_start}])
-    if hasattr(report, "log_curve") and rewards_curve:
+    if rewards_curve:
         report.log_curve("Chat RL mean reward", list(range(start_step + 1, start_step + 1 + len(rewards_curve))),
                          rewards_curve, "mean reward")
     compute_cleanup()

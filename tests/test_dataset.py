@@ -1,5 +1,6 @@
 """Tests for nanochat/dataset.py: local import, shard iteration, errors, and the (mocked) download."""
 
+import gzip
 import io
 import json
 import os
@@ -334,3 +335,159 @@ def test_import_real_text_from_the_mirror(tmp_path):
     assert len(texts) == summary["docs"] and sum(map(len, texts)) == summary["chars"]
     assert all(0 < len(t) <= dataset.DEFAULT_DOC_CHARS for t in texts)
     assert not any("<|endoftext|>" in t for t in texts)
+
+
+# -----------------------------------------------------------------------------
+# offline fallback corpus: documentation of installed packages (a fake site-packages tree)
+
+PROSE_1 = "This module reads the configuration of the pipeline and checks that every value is in range."
+PROSE_2 = "When a value is missing, the default from the table below is used instead of failing."
+PROSE_CLASS = "A small cache that keeps the most recent results in memory for the duration of a run."
+PROSE_FUNC = "Return the number of tokens in the text, counting each special token as one token."
+PROSE_README = "The alpha package is a tiny library that helps you to test the documentation corpus."
+PROSE_META = "Beta is a package for the people who want to know how the metadata of a wheel is read."
+PROSE_SHARE = "This directory contains the documentation that the system package manager installed for you."
+LICENSE = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
+           "associated documentation files, to deal in the Software without restriction.")
+
+
+def make_fake_installed_docs(root):
+    """A site-packages tree and a /usr/share/doc tree: which files and paragraphs should be kept."""
+    site_dir, share = root / "site-packages", root / "share-doc"
+    (site_dir / "alpha" / "tests").mkdir(parents=True)
+    (site_dir / "beta" / "_vendor").mkdir(parents=True)
+    (site_dir / "beta-1.0.dist-info" / "licenses").mkdir(parents=True)
+    (share / "pkg").mkdir(parents=True)
+    module = (f'"""\n{PROSE_1}\n\n{PROSE_2}\n"""\n'
+              'raise SystemExit("the corpus builder must never import or run package code")\n\n'
+              f'class Cache:\n    """{PROSE_CLASS}"""\n\n'
+              f'    def count(self, text):\n        """\n        {PROSE_FUNC}\n\n'
+              '        Parameters\n        ----------\n        text : str\n\n'
+              '        >>> Cache().count("hello world, how are you today my friend")\n        9\n        """\n\n'
+              'def other():\n    """这个函数返回一个很长的中文句子，用来检查非英文的文档字符串会被过滤掉。这是第二个句子。"""\n')
+    (site_dir / "alpha" / "__init__.py").write_text(module, encoding="utf-8")
+    (site_dir / "alpha" / "broken.py").write_text(f'"""{PROSE_SHARE} and more"""\ndef (:\n')
+    (site_dir / "alpha" / "LICENSE.txt").write_text(LICENSE)
+    table = "\n".join(" ".join(str(i * j) for j in range(12)) for i in range(30))
+    (site_dir / "alpha" / "numbers.txt").write_text(table)
+    (site_dir / "alpha" / "README.md").write_text(
+        f"# Alpha\n\n{PROSE_README} See [the guide](https://example.com/guide) and ``alpha.run``.\n\n"
+        "```python\nimport alpha\n# this comment is in a code block and is written in plain English words\n```\n")
+    (site_dir / "alpha" / "tests" / "test_alpha.py").write_text(f'"""{PROSE_CLASS} in the tests folder."""\n')
+    (site_dir / "beta" / "_vendor" / "alpha_copy.py").write_text(module, encoding="utf-8")  # all duplicates
+    (site_dir / "beta-1.0.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: beta\nVersion: 1.0\n\n{PROSE_META} It has one more sentence here.\n")
+    (site_dir / "beta-1.0.dist-info" / "licenses" / "LICENSE").write_text(LICENSE)
+    with gzip.open(share / "pkg" / "README.gz", "wt") as f:
+        f.write(PROSE_SHARE + " It is compressed with gzip, as Debian does with most of its files.\n")
+    (share / "pkg" / "copyright").write_text(LICENSE)
+    return [str(site_dir), str(share)]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_is_english_prose_and_markup():
+    assert dataset.is_english_prose(PROSE_1)
+    assert not dataset.is_english_prose("Too short to be a paragraph.")
+    assert not dataset.is_english_prose("def f(x):\n    return {k: v for k, v in x.items() if v is not None}")
+    assert not dataset.is_english_prose("1.0 2.5 3.25 4.125\n5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20")
+    assert not dataset.is_english_prose(LICENSE)
+    assert not dataset.is_english_prose("这个函数返回一个很长的中文句子，用来检查非英文的文档字符串会被过滤掉。")
+    assert not dataset.is_english_prose(">>> run the example that is shown in the documentation of this")
+    assert dataset.strip_markup("Use :class:`~torch.Tensor` or ``x.view`` (see `docs <https://x.y>`_ and "
+                                "[the guide](https://g.h)); **never** `eval`.") == \
+        "Use torch.Tensor or x.view (see docs and the guide); never eval."
+
+
+def test_build_installed_docs_corpus(tmp_path):
+    roots = make_fake_installed_docs(tmp_path / "fake")
+    out = tmp_path / "corpus.jsonl"
+    stats = dataset.build_installed_docs_corpus(str(out), roots=roots, min_doc_chars=50, workers=1)
+    records = read_jsonl(out)
+    sources = [os.path.relpath(r["source"], tmp_path / "fake") for r in records]
+    assert sources == ["site-packages/alpha/README.md", "site-packages/alpha/__init__.py",
+                       "site-packages/beta-1.0.dist-info/METADATA", "share-doc/pkg/README.gz"]
+    texts = {s: r["text"] for s, r in zip(sources, records)}
+    assert texts["site-packages/alpha/__init__.py"] == "\n\n".join([PROSE_1, PROSE_2, PROSE_CLASS, PROSE_FUNC])
+    assert texts["site-packages/alpha/README.md"].startswith(PROSE_README + " See the guide and alpha.run.")
+    assert "code block" not in texts["site-packages/alpha/README.md"]  # fenced code is dropped
+    assert texts["site-packages/beta-1.0.dist-info/METADATA"].startswith(PROSE_META)
+    assert "Version" not in texts["site-packages/beta-1.0.dist-info/METADATA"]
+    assert texts["share-doc/pkg/README.gz"].startswith(PROSE_SHARE)
+    everything = "\n".join(texts.values())
+    assert "Permission is hereby granted" not in everything and ">>>" not in everything and "中文" not in everything
+    assert stats["docs"] == 4 and stats["chars"] == sum(map(len, texts.values()))
+    assert stats["files"] == 7  # 3 .py (tests/ skipped), .md, numbers.txt, METADATA, README.gz; licenses skipped
+
+    # deterministic, whatever the number of worker processes
+    out2 = tmp_path / "corpus2.jsonl"
+    dataset.build_installed_docs_corpus(str(out2), roots=roots, min_doc_chars=50, workers=2)
+    assert out2.read_bytes() == out.read_bytes()
+
+
+def test_installed_docs_corpus_max_chars(tmp_path):
+    roots = make_fake_installed_docs(tmp_path / "fake")
+    out = tmp_path / "corpus.jsonl"
+    stats = dataset.build_installed_docs_corpus(str(out), max_chars=150, roots=roots, min_doc_chars=50, workers=1)
+    records = read_jsonl(out)
+    assert stats["chars"] == 150 == sum(len(r["text"]) for r in records) and len(records) == 2
+    with pytest.raises(ValueError):
+        dataset.build_installed_docs_corpus(str(out), max_chars=0, roots=roots)
+
+
+def test_installed_docs_roots_exist_once():
+    roots = dataset.installed_docs_roots()
+    assert roots and len(set(roots)) == len(roots) and all(os.path.isdir(r) for r in roots)
+
+
+def test_cli_from_installed_docs(base_dir, tmp_path, monkeypatch, capsys):
+    roots = make_fake_installed_docs(tmp_path / "fake")
+    monkeypatch.setattr(dataset, "installed_docs_roots", lambda: roots)
+    assert dataset.main(["--from-installed-docs", "--max-chars", "100000", "--doc-chars", "150"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("FALLBACK PRETRAINING CORPUS") == 2 and "NOT web text" in out
+    assert "fallback corpus: 4 documents" in out and "2 shards" in out
+    assert len(read_jsonl(base_dir / dataset.FALLBACK_CORPUS_FILE)) == 4
+    shards = dataset.list_parquet_files()
+    texts = [t for p in shards for t in shard_texts(p)]
+    assert len(shards) == 2 and PROSE_CLASS in "\n".join(texts) and all(len(t) <= 150 for t in texts)
+    marker = base_dir / "base_data" / dataset.FALLBACK_MARKER
+    assert "NOT web text" in marker.read_text()
+
+    # shards there already: refused before reading anything, unless --overwrite
+    assert dataset.main(["--from-installed-docs", "--overwrite"]) == 0
+    with pytest.raises(SystemExit) as e:
+        dataset.main(["--from-installed-docs"])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+    # a download must not mix web shards with the fallback ones (same file names)
+    def no_network(url, **kwargs):
+        raise AssertionError("must not download into a folder that holds the fallback corpus")
+    monkeypatch.setattr(dataset.requests, "get", no_network)
+    assert dataset.main(["-n", "2"]) == 1
+    assert "fallback corpus" in capsys.readouterr().err
+    # importing real text replaces the fallback shards and their marker
+    src = tmp_path / "real.txt"
+    src.write_text("\n\n".join(f"para {i}" for i in range(10)))
+    assert dataset.main(["--local", str(src), "--overwrite", "--doc-chars", "20"]) == 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv", [["--from-installed-docs", "-n", "1"], ["--from-installed-docs", "--local", "x"],
+                                  ["-n", "1", "--max-chars", "10"], ["--from-installed-docs", "--max-chars", "0"]])
+def test_cli_rejects_bad_fallback_flags(base_dir, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        dataset.main(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_which_files_are_documentation():
+    kinds = {name: dataset._doc_kind(name, "/site-packages/pkg") for name in
+             ["history.py", "README.md", "guide.rst", "notes.txt", "README", "FAQ.gz", "intro.md.gz", "LICENSE",
+              "LICENSE-MIT.txt", "COPYING.LIB", "CHANGES.rst", "requirements-dev.txt", "top_level.txt", "data.json",
+              "METADATA", ".hidden.md"]}
+    assert [n for n, k in kinds.items() if k] == ["history.py", "README.md", "guide.rst", "notes.txt", "README",
+                                                   "FAQ.gz", "intro.md.gz"]
+    assert dataset._doc_kind("METADATA", "/site-packages/beta-1.0.dist-info") == "metadata"
