@@ -10,7 +10,6 @@
 # a smaller device batch keeps them in 80 GB and gradient accumulation keeps the global batch.
 set -euo pipefail
 cd "$(dirname "$0")"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 WANDB_RUN=${WANDB_RUN:-dummy}
 DEPTH=${DEPTH:-20}
@@ -24,6 +23,8 @@ if [ "$NUM_GPUS" -eq 0 ]; then
     echo "No CUDA GPU found: running the tiny CPU configuration (dev/runcpu.sh)."
     exec bash dev/runcpu.sh
 fi
+# one CPU thread per GPU process (8 processes share the node's cores); the CPU recipe keeps all cores
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source dev/stage.sh
 python -m nanochat.report reset
 

@@ -46,4 +46,4 @@ python -m scripts.chat_eval -i sft -x 40 -b 8 -m 96
 stage "report"
 python -m nanochat.report generate
 stage_summary
-echo "Chat with it: python -m scripts.chat_cli -i sft   |   serve it: python -m scripts.chat_web -i sft"
+echo "Chat with it: python -m scripts.chat_cli -i sft"
