@@ -67,7 +67,7 @@ def main():
               f"{r['final_train_loss']:.4f} | {r['final_val_bpb']:.4f} |" for r in runs]
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table + f"\n\n![loss curves](attention_comparison.png)\n")
+        f.write(table + "\n\n![loss curves](attention_comparison.png)\n")
     print(table)
     print(f"plot: {png}")
     print(json.dumps({"bench": "attention_comparison", "runs": [

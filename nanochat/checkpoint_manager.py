@@ -89,6 +89,18 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     return model_state, optimizer_states, meta
 
 
+def restore_training_state(checkpoint_dir, step, model, optimizers, device, rank=0):
+    """Resume: load a checkpoint's weights and this rank's optimizer states in place. Returns its meta."""
+    model_state, optimizer_states, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    if meta["model_config"] != model.config_dict():
+        raise CheckpointError(f"checkpoint {checkpoint_dir} step {step} has model config {meta['model_config']}, "
+                              f"the flags give {model.config_dict()}")
+    model.load_state_dict(model_state)
+    for optimizer, state in zip(optimizers, optimizer_states):
+        optimizer.load_state_dict(state)
+    return meta
+
+
 def find_last_step(checkpoint_dir):
     """The newest step with complete metadata."""
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
 from nanochat.common import DummyWandb, autocast_dtype, compute_cleanup, get_base_dir, print0, synchronize
 from nanochat.dataloader import ConversationLoader
 from nanochat.optim import apply_schedule, setup_optimizers
@@ -97,14 +97,11 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     start_step, loader_state, curve = 0, None, {"steps": [], "loss": []}
     if args.resume_from_step >= 0:
         try:
-            state, optim_states, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+            meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
         except CheckpointError as e:
             print0(f"error: cannot resume: {e}")
             compute_cleanup()
             return 1
-        model.load_state_dict(state)
-        for opt, s in zip(optimizers, optim_states):
-            opt.load_state_dict(s)
         start_step, loader_state = meta["step"], meta["dataloader_state"][rank]
         print0(f"resumed from step {start_step} of {checkpoint_dir}")
 

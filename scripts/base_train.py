@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, SOURCES, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
 from nanochat.common import (DummyWandb, autocast_dtype, compute_cleanup, compute_init, get_base_dir, peak_flops_per_second,
                              print0, synchronize)
 from nanochat.dataloader import make_train_loader, make_val_loader
@@ -161,19 +161,11 @@ def main(argv=None):
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
         try:
-            model_state, optim_states, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                              load_optimizer=True, rank=rank)
+            meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
         except CheckpointError as e:
             print0(f"error: cannot resume: {e}")
             compute_cleanup()
             return 1
-        if meta["model_config"] != model.config_dict():
-            print0(f"error: cannot resume: checkpoint config {meta['model_config']} differs from the flags' {model.config_dict()}")
-            compute_cleanup()
-            return 1
-        model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
         start_step = meta["step"]
         loop_state = meta.get("loop_state", {})
         loader_state = meta["dataloader_state"][rank] if meta.get("dataloader_state") else None

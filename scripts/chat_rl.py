@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
 from nanochat.common import autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.optim import apply_schedule, setup_optimizers
@@ -134,15 +134,11 @@ def main(argv=None):
     start_step = 0
     if args.resume_from_step >= 0:
         try:
-            state, optim_states, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+            start_step = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)["step"]
         except CheckpointError as e:
             print0(f"error: cannot resume: {e}")
             compute_cleanup()
             return 1
-        model.load_state_dict(state)
-        for opt, s in zip(optimizers, optim_states):
-            opt.load_state_dict(s)
-        start_step = meta["step"]
     dtype = autocast_dtype(device.type)
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     engine = Engine(model, tokenizer)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step,
-                                         load_checkpoint, load_model, save_checkpoint)
+                                         load_checkpoint, load_model, restore_training_state, save_checkpoint)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers
 from nanochat.tokenizer import RustBPETokenizer
@@ -131,3 +131,21 @@ def test_load_model_checks_tokenizer(tmp_path, monkeypatch):
         load_model("pretrained", "cpu", "eval")
     with pytest.raises(CheckpointError, match="no checkpoints directory"):
         load_model("sft", "cpu", "eval")
+
+
+def test_restore_training_state(tmp_path):
+    model = tiny_model()
+    optimizers = setup_optimizers(model)
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    for opt in optimizers:
+        opt.step()
+    save_tiny(tmp_path, 4, model, optimizers)
+    fresh = tiny_model()
+    fresh_optimizers = setup_optimizers(fresh)
+    meta = restore_training_state(str(tmp_path), 4, fresh, fresh_optimizers, "cpu")
+    assert meta["step"] == 4 and all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    assert fresh_optimizers[1].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
+    other = tiny_model("mla")
+    with pytest.raises(CheckpointError, match="model config"):
+        restore_training_state(str(tmp_path), 4, other, setup_optimizers(other), "cpu")
