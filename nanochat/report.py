@@ -445,6 +445,9 @@ class Report:
                 parts = [f.read()]
         else:
             parts = [header_text()]  # no reset was run: describe the machine as it is now
+        for line in _pretraining_data_line():  # the fallback corpus is usually built after the reset
+            if line not in parts[0]:
+                parts[0] = parts[0].rstrip("\n") + "\n" + line + "\n\n"
         run = {}
         if os.path.isfile(run_path):
             with open(run_path, encoding="utf-8") as f:

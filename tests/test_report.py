@@ -216,3 +216,12 @@ def test_header_flags_the_fallback_corpus(tmp_path, monkeypatch):
     (tmp_path / "base_data" / FALLBACK_MARKER).write_text("fallback")
     header = open(get_report().reset()).read()
     assert "- pretraining data: FALLBACK corpus of installed package documentation, not web text" in header
+
+
+def test_fallback_corpus_built_after_reset_is_flagged_in_the_report(report):
+    from nanochat.dataset import FALLBACK_MARKER
+    os.makedirs(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "base_data"), exist_ok=True)
+    with open(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "base_data", FALLBACK_MARKER), "w") as f:
+        f.write("fallback")
+    text = open(report.generate()).read()
+    assert text.count("FALLBACK corpus of installed package documentation") == 1
