@@ -170,7 +170,8 @@ def count_answer_parts(word, letter):
     ]
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """size synthetic examples over this split's words; example i is a pure function of (split, i)."""
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
@@ -183,6 +184,9 @@ class SpellingBee(Task):
 
     def num_examples(self):
         return self.size
+
+
+class SpellingBee(WordTask):
 
     def get_example(self, index):
         rng = random.Random(f"spellingbee-{self.split}-{index}")  # str seeds hash stably across runs
@@ -206,19 +210,7 @@ class SpellingBee(Task):
 # Spelling
 
 
-class SimpleSpelling(Task):
-
-    def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.split = size, split
-        self.words = split_words(load_words(), split)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
+class SimpleSpelling(WordTask):
 
     def get_example(self, index):
         rng = random.Random(f"simplespelling-{self.split}-{index}")
