@@ -107,6 +107,12 @@ def autocast_dtype(device_type):
     return torch.float32
 
 
+def autocast_context(device_type):
+    """torch.autocast with the dtype policy above (a no-op context in fp32); reusable across `with` blocks."""
+    dtype = autocast_dtype(device_type)
+    return torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def synchronize(device_type):
     if device_type == "cuda":
         torch.cuda.synchronize()

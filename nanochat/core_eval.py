@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import autocast_dtype, get_base_dir, get_data_dir, print0
+from nanochat.common import autocast_context, get_base_dir, get_data_dir, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 DOWNLOAD_ATTEMPTS = 3
@@ -278,8 +278,7 @@ def score_sequences(model, seqs, pad_id, device):
         cols.extend(range(start - 1, len(ids) - 1))
     tokens = tokens.to(device)
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    dtype = autocast_dtype(device.type)
-    with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast_context(device.type):
         logits = model(tokens)  # (B, T, V)
     picked = logits[rows, cols].float()  # (M, V): only continuation positions, not B*T*V of softmax
     targets = tokens[rows, cols + 1]

@@ -11,7 +11,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import DummyWandb, autocast_dtype, compute_cleanup, get_base_dir, print0, synchronize
+from nanochat.common import DummyWandb, autocast_context, compute_cleanup, get_base_dir, print0, synchronize
 from nanochat.dataloader import ConversationLoader
 from nanochat.optim import apply_schedule, setup_optimizers
 from nanochat.report import get_report
@@ -107,8 +107,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
 
     loader = ConversationLoader(train_set, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size,
                                 device, packed=packed, seed=args.seed, resume_state=loader_state)
-    dtype = autocast_dtype(device.type)
-    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device.type)
     print0(f"{section}: {args.source} {model_tag} -> {args.dest}, {num_iterations} steps x {args.examples_per_step} rows "
            f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of <= {args.max_seq_len} tokens")
     print0(f"data: {data_summary}")

@@ -8,10 +8,9 @@ torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
 import argparse
 import sys
 
-import torch
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autocast_dtype, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, print0
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.engine import complete_greedy
 from nanochat.loss_eval import evaluate_bpb
@@ -47,8 +46,7 @@ def main(argv=None):
         print0(f"error: {e}\nTrain a base model first: python -m scripts.base_train")
         compute_cleanup()
         return 1
-    dtype = autocast_dtype(device.type)
-    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device.type)
 
     B, T = args.device_batch_size, model.config.sequence_len
     steps = max(1, args.split_tokens // (B * T * world_size))

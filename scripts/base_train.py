@@ -19,7 +19,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
-from nanochat.common import (DummyWandb, autocast_dtype, compute_cleanup, compute_init, get_base_dir, peak_flops_per_second,
+from nanochat.common import (DummyWandb, autocast_context, compute_cleanup, compute_init, get_base_dir, peak_flops_per_second,
                              print0, synchronize)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
@@ -111,8 +111,7 @@ def main(argv=None):
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     device_type = device.type
     master = rank == 0
-    dtype = autocast_dtype(device_type)
-    autocast = torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device_type)
 
     # data and tokenizer first: both fail fast with a message that says what to run
     try:

@@ -11,10 +11,9 @@ python -m scripts.chat_cli -i sft --speculative-proposals 4 --draft-model-tag ng
 import argparse
 import sys
 
-import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model
-from nanochat.common import autocast_dtype, compute_init
+from nanochat.common import autocast_context, compute_init
 from nanochat.engine import Engine
 from nanochat.sampling import validate_sampling_params
 
@@ -96,8 +95,7 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    dtype = autocast_dtype(device.type)
-    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device.type)
     engine = Engine(model, tokenizer, draft=draft)
     bos = tokenizer.get_bos_token_id()
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")

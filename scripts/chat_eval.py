@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autocast_dtype, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, print0
 from nanochat.engine import Engine
 from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
@@ -194,8 +194,7 @@ def main(argv=None):
         print0(f"error: {e}")
         compute_cleanup()
         return 1
-    dtype = autocast_dtype(device.type)
-    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device.type)
     engine = Engine(model, tokenizer)
     if args.log_samples and rank == 0:
         open(args.log_samples, "w").close()

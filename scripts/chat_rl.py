@@ -16,7 +16,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.optim import apply_schedule, setup_optimizers
 from nanochat.report import get_report
@@ -139,8 +139,7 @@ def main(argv=None):
             print0(f"error: cannot resume: {e}")
             compute_cleanup()
             return 1
-    dtype = autocast_dtype(device.type)
-    autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device.type)
     engine = Engine(model, tokenizer)
     per_rank = args.examples_per_step // world_size
     print0(f"RL: {args.source} {model_tag} -> rl, {num_iterations} steps x {args.examples_per_step} problems x "
