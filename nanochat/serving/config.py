@@ -1,0 +1,153 @@
+"""
+Server settings: a JSON file (config.json) plus a few environment overrides, validated once at startup.
+
+Loading fails loudly (ValueError naming the field, file or variable) rather than starting a server
+with a typo'd limit silently ignored. With no API keys configured, auth is off (local use only).
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from nanochat.sampling import (
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MAX_TOP_P,
+    MIN_TEMPERATURE,
+    MIN_TOP_K,
+    MIN_TOP_P,
+)
+
+MIN_API_KEY_CHARS = 16
+# Keys copied from docs/templates: accepting them would make a "secured" server open to anyone.
+PLACEHOLDER_MARKERS = ("changeme", "change-me", "change_me", "your-api-key", "your_api_key", "yourapikey",
+                       "your-key", "your_key", "placeholder", "replace-me", "replace_me", "example")
+
+
+@dataclass
+class ServerConfig:
+    valid_api_keys: list[str] = field(default_factory=list)
+    rate_limit_window_seconds: float = 60
+    rate_limit_max_requests: int = 120
+    max_concurrent_requests: int = 32
+    max_queued_requests: int = 128
+    max_messages: int = 500
+    max_message_chars: int = 8000
+    max_total_chars: int = 32000
+    max_tokens_limit: int = 4096
+    min_temperature: float = MIN_TEMPERATURE
+    max_temperature: float = MAX_TEMPERATURE
+    min_top_k: int = MIN_TOP_K
+    max_top_k: int = MAX_TOP_K
+    min_top_p: float = MIN_TOP_P
+    max_top_p: float = MAX_TOP_P
+    default_temperature: float = 0.8
+    default_top_k: int = 50
+    default_top_p: float = 1.0
+    default_max_tokens: int = 512
+
+
+# Environment variable -> (field, parser). Keys come from the environment so they need not live in a file.
+ENV_OVERRIDES = {
+    "NANOCHAT_API_KEYS": ("valid_api_keys", lambda s: [k.strip() for k in s.split(",") if k.strip()]),
+    "NANOCHAT_RATE_LIMIT_WINDOW_SECONDS": ("rate_limit_window_seconds", float),
+    "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": ("rate_limit_max_requests", int),
+    "NANOCHAT_MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", int),
+    "NANOCHAT_MAX_QUEUED_REQUESTS": ("max_queued_requests", int),
+}
+
+INT_FIELDS = {f.name for f in dataclasses.fields(ServerConfig) if f.type is int}
+FLOAT_FIELDS = {f.name for f in dataclasses.fields(ServerConfig) if f.type is float}
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")  # noqa: TRY004 (callers catch ValueError)
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    for name in data:
+        if name not in known:
+            raise ValueError(f"{path}: unknown config field {name!r}")
+    return data
+
+
+def _check_types(values, source):
+    """JSON gives us any type; a string where a number belongs must fail here, not mid-request."""
+    for name, value in values.items():
+        if name in INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{source}: {name} must be an integer, got {value!r}")
+        if name in FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{source}: {name} must be a number, got {value!r}")
+        if name == "valid_api_keys" and (not isinstance(value, list) or not all(isinstance(k, str) for k in value)):
+            raise ValueError(f"{source}: valid_api_keys must be a list of strings")
+
+
+def _env_overrides(env):
+    values = {}
+    for var, (name, parse) in ENV_OVERRIDES.items():
+        raw = env.get(var)
+        if raw is None:
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError:
+            raise ValueError(f"environment variable {var}: cannot parse {raw!r}") from None
+    return values
+
+
+def validate_config(config):
+    """Raise ValueError naming the first bad field."""
+    for name in INT_FIELDS | FLOAT_FIELDS:
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ValueError(f"config: {name} must be finite, got {value}")
+    positive = ["rate_limit_window_seconds", "rate_limit_max_requests", "max_concurrent_requests", "max_messages",
+                "max_message_chars", "max_total_chars", "max_tokens_limit", "default_max_tokens"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"config: {name} must be positive, got {getattr(config, name)}")
+    if config.max_queued_requests < 0:
+        raise ValueError(f"config: max_queued_requests must be >= 0, got {config.max_queued_requests}")
+    # Config may narrow the sampling bounds but never widen them past what the sampler supports.
+    for param, lo, hi in (("temperature", MIN_TEMPERATURE, MAX_TEMPERATURE), ("top_k", MIN_TOP_K, MAX_TOP_K),
+                          ("top_p", MIN_TOP_P, MAX_TOP_P)):
+        cmin, cmax, default = (getattr(config, f"min_{param}"), getattr(config, f"max_{param}"),
+                               getattr(config, f"default_{param}"))
+        if not lo <= cmin <= cmax <= hi:
+            raise ValueError(f"config: need {lo} <= min_{param} ({cmin}) <= max_{param} ({cmax}) <= {hi}")
+        if not cmin <= default <= cmax:
+            raise ValueError(f"config: default_{param} ({default}) must be within [{cmin}, {cmax}]")
+    if config.default_top_p <= 0:
+        raise ValueError("config: default_top_p must be > 0")
+    if config.default_max_tokens > config.max_tokens_limit:
+        raise ValueError(f"config: default_max_tokens ({config.default_max_tokens}) exceeds max_tokens_limit")
+    for i, key in enumerate(config.valid_api_keys):
+        lowered = key.lower()
+        if any(m in lowered for m in PLACEHOLDER_MARKERS) or 0 < len(set(key)) <= 2:  # or "xxxxxxxxxxxxxxxx"
+            raise ValueError(f"config: valid_api_keys[{i}] looks like a placeholder; set a real random key")
+        if key.strip() != key or len(key) < MIN_API_KEY_CHARS:
+            raise ValueError(f"config: valid_api_keys[{i}] must be a string of >= {MIN_API_KEY_CHARS} characters "
+                             "without surrounding whitespace")
+    return config
+
+
+def load_config(path=None, env=os.environ):
+    """Defaults <- JSON file (if given) <- environment overrides, then validate."""
+    values = {}
+    if path is not None:
+        values.update(_read_json(path))
+        _check_types(values, path)
+    overrides = _env_overrides(env)
+    _check_types(overrides, "environment")
+    values.update(overrides)
+    config = ServerConfig(**values)
+    # Ints are fine wherever floats are expected; store floats so later arithmetic is uniform.
+    for name in FLOAT_FIELDS:
+        setattr(config, name, float(getattr(config, name)))
+    return validate_config(config)

@@ -1,0 +1,322 @@
+"""
+OpenAI Chat Completions wire format: request validation, response/chunk models, the error body.
+
+Policy: accept every field a standard client may send, but only in a value that does not change the
+result (frequency_penalty=0, logprobs=false, tools=[], ...). A value we would have to ignore to serve
+the request is rejected with the field named, so a client never gets silently different behaviour.
+Unknown fields are rejected too (extra="forbid"). Parse errors become RequestError(message, param).
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from nanochat.sampling import validate_sampling_params
+
+StrictFloat = Annotated[float, Field(strict=True)]  # strict float still accepts ints, but not "0.5" or true
+MAX_STOP_SEQUENCES = 4
+MAX_N = 16
+
+
+class RequestError(ValueError):
+    """A bad request (HTTP 400). param names the offending field in OpenAI's dotted style, or is None."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def error_body(message, type, param=None, code=None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- requests
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None  # OpenAI allows a participant name; it does not reach the model
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, value):
+        # Checked here so the error says what is wrong instead of listing every branch of the union.
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if not isinstance(part, dict):
+                    raise ValueError(f"content part {i} must be an object")  # noqa: TRY004 (pydantic wants ValueError)
+                if part.get("type") != "text":
+                    raise ValueError(f"content part {i} has type {part.get('type')!r}; only 'text' is supported")
+        elif not isinstance(value, str):
+            raise ValueError("content must be a string or a list of text parts")  # noqa: TRY004
+        return value
+
+    @property
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Model):
+    include_usage: StrictBool = False
+
+
+def _must_be(value, allowed, field):
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported (would change the result); allowed: {allowed}")
+    return value
+
+
+class ChatCompletionRequest(_Model):
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None  # extension; not in OpenAI's API
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
+    seed: StrictInt | None = None
+    user: StrictStr | None = None
+    # Accepted only in their no-op values (see _noop_only below).
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[Any] | None = None
+    function_call: StrictStr | dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
+    service_tier: StrictStr | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        if isinstance(value, list):
+            if len(value) > MAX_STOP_SEQUENCES:
+                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+            if not all(isinstance(s, str) and s for s in value):
+                raise ValueError("stop sequences must be non-empty strings")
+        elif isinstance(value, str) and not value:
+            raise ValueError("stop must not be an empty string")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("stop must be a string or a list of strings")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _zero_penalty(cls, value, info):
+        return value if value is None else _must_be(value, [0], info.field_name)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        return value if value is None else _must_be(value, [False], "logprobs")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value):
+        return value if value is None else _must_be(value, [0], "top_logprobs")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value):
+        return value if value is None else _must_be(value, [{"type": "text"}], "response_format")
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} are not supported (would change the result); send none")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value, info):
+        return value if value is None else _must_be(value, ["none", "auto"], info.field_name)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported (would change the result); send {} or omit it")
+        return value
+
+
+UNION_TAGS = {"str", "int", "float", "bool"}  # pydantic adds the failing union member's type to the loc
+
+
+def _param_from_loc(loc):
+    """('messages', 0, 'content') -> 'messages[0].content' (OpenAI's param style)."""
+    param = ""
+    for part in loc:
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part):
+            continue
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
+
+def parse_request(body):
+    """dict (decoded JSON) -> ChatCompletionRequest, or RequestError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param_from_loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RequestError(f"{param}: {msg}" if param else msg, param) from None
+
+
+# ----------------------------------------------------------------------------- checks against server config
+
+def resolve_max_tokens(request, config):
+    """max_completion_tokens (current OpenAI name) wins over the deprecated max_tokens; both set must agree."""
+    a, b = request.max_completion_tokens, request.max_tokens
+    if a is not None and b is not None and a != b:
+        raise RequestError("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
+    param, value = ("max_completion_tokens", a) if a is not None else ("max_tokens", b)
+    if value is None:
+        return config.default_max_tokens
+    if not 1 <= value <= config.max_tokens_limit:
+        raise RequestError(f"{param} must be between 1 and {config.max_tokens_limit}, got {value}", param)
+    return value
+
+
+def resolve_sampling(request, config):
+    """(temperature, top_k, top_p) with server defaults filled in, checked against the config bounds."""
+    t = config.default_temperature if request.temperature is None else request.temperature
+    k = config.default_top_k if request.top_k is None else request.top_k
+    p = config.default_top_p if request.top_p is None else request.top_p
+    try:
+        validate_sampling_params(t, k, p, max_temperature=config.max_temperature, max_top_k=config.max_top_k)
+    except ValueError as e:
+        raise RequestError(str(e), str(e).split(" ", 1)[0]) from None  # its messages start with the name
+    for name, value, lo, hi in (("temperature", t, config.min_temperature, config.max_temperature),
+                                ("top_k", k, config.min_top_k, config.max_top_k),
+                                ("top_p", p, config.min_top_p, config.max_top_p)):
+        if not lo <= value <= hi:
+            raise RequestError(f"{name} must be between {lo} and {hi}, got {value}", name)
+    return t, k, p
+
+
+def _check_conversation(messages):
+    """Optional leading system message, then user/assistant alternating, ending with the user."""
+    start = 1 if messages[0].role == "system" else 0
+    for i, m in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m.role != expected:
+            where = "only the first message may be a system message" if m.role == "system" else \
+                "roles must alternate user/assistant after an optional system message"
+            raise RequestError(f"messages[{i}].role: expected {expected!r}, got {m.role!r} ({where})",
+                               f"messages[{i}].role")
+    if messages[-1].role != "user":
+        raise RequestError("the last message must be from the user", "messages")
+
+
+def validate_against_config(request, config):
+    """Size limits, max_tokens and sampling bounds from the server config; raises RequestError."""
+    msgs = request.messages
+    if len(msgs) > config.max_messages:
+        raise RequestError(f"too many messages: {len(msgs)} > {config.max_messages}", "messages")
+    total = 0
+    for i, m in enumerate(msgs):
+        n = len(m.text)
+        if n > config.max_message_chars:
+            raise RequestError(f"messages[{i}].content is too long: {n} > {config.max_message_chars} characters",
+                               f"messages[{i}].content")
+        total += n
+    if total > config.max_total_chars:
+        raise RequestError(f"conversation is too long: {total} > {config.max_total_chars} characters", "messages")
+    resolve_max_tokens(request, config)
+    resolve_sampling(request, config)
+    _check_conversation(msgs)
+
+
+# ----------------------------------------------------------------------------- responses
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(_Model):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Model):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(_Model):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Model):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Model):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None  # only on the final chunk, when stream_options.include_usage
+
+
+class ModelCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanochat"
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,187 @@
+import pytest
+
+from nanochat.serving.config import ServerConfig
+from nanochat.serving.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    RequestError,
+    ResponseMessage,
+    Usage,
+    error_body,
+    parse_request,
+    resolve_max_tokens,
+    resolve_sampling,
+    validate_against_config,
+)
+
+USER = {"role": "user", "content": "hi"}
+
+
+def req(**fields):
+    return {"model": "nanochat", "messages": [USER], **fields}
+
+
+def rejected(body):
+    with pytest.raises(RequestError) as e:
+        parse_request(body)
+    return e.value
+
+
+def test_minimal_and_full_request():
+    r = parse_request({"messages": [USER]})
+    assert r.n == 1 and r.stream is False and r.stop is None
+    r = parse_request(req(temperature=0.5, top_p=0.9, top_k=40, max_tokens=64, stream=True,
+                          stream_options={"include_usage": True}, stop=["\n", "END"], n=3, seed=7, user="u1"))
+    assert r.stream_options.include_usage and r.stop == ["\n", "END"] and r.seed == 7 and r.top_k == 40
+
+
+def test_string_and_text_parts_content():
+    r = parse_request({"messages": [{"role": "system", "content": [{"type": "text", "text": "be "},
+                                                                    {"type": "text", "text": "nice"}]}, USER]})
+    assert r.messages[0].text == "be nice" and r.messages[1].text == "hi"
+
+
+@pytest.mark.parametrize("content", [[{"type": "image_url", "image_url": {"url": "x"}}],
+                                     [{"type": "text", "text": "a"}, {"type": "input_audio"}], ["plain"], 5, None])
+def test_bad_content_names_field(content):
+    e = rejected({"messages": [USER, {"role": "assistant", "content": "ok"}, {"role": "user", "content": content}]})
+    assert e.param == "messages[2].content" and "messages[2].content" in e.message
+
+
+@pytest.mark.parametrize("stop", ["###", ["a"], ["a", "b", "c", "d"]])
+def test_stop_accepted(stop):
+    assert parse_request(req(stop=stop)).stop == stop
+
+
+@pytest.mark.parametrize("stop", ["", ["a", ""], ["a", "b", "c", "d", "e"], [1], 3])
+def test_stop_rejected(stop):
+    assert rejected(req(stop=stop)).param == "stop"
+
+
+@pytest.mark.parametrize("n, ok", [(1, True), (16, True), (0, False), (17, False), (True, False), (2.0, False)])
+def test_n_bounds(n, ok):
+    if ok:
+        assert parse_request(req(n=n)).n == n
+    else:
+        assert rejected(req(n=n)).param == "n"
+
+
+def test_harmless_fields_accepted():
+    parse_request(req(frequency_penalty=0, presence_penalty=0.0, logprobs=False, top_logprobs=0,
+                      response_format={"type": "text"}, tools=[], tool_choice="none", parallel_tool_calls=True,
+                      functions=None, logit_bias={}, store=False, metadata={"a": "b"}, service_tier="auto"))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logprobs", True), ("top_logprobs", 3),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"50256": -100}),
+    ("unknown_field", 1), ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
+    ("seed", 1.5), ("model", 3), ("tool_choice", 3), ("user", ["u"]), ("stream_options", {"include_usage": True, "extra": 1}),
+])
+def test_result_changing_or_unknown_fields_rejected(field, value):
+    e = rejected(req(**{field: value}))
+    assert e.param is not None and e.param.startswith(field) and field in e.message
+    assert ".str" not in e.param and "[" not in e.param  # no pydantic union-member tags leak into param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"), ({}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages[0].extra"),
+])
+def test_bad_messages_named(body, param):
+    assert rejected(body).param == param
+
+
+def test_non_object_body():
+    assert rejected([1, 2]).param is None
+
+
+def test_error_body_shape():
+    assert error_body("nope", "invalid_request_error") == {
+        "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": None}}
+    assert error_body("m", "t", "temperature", "c") == {
+        "error": {"message": "m", "type": "t", "param": "temperature", "code": "c"}}
+
+
+# ----------------------------------------------------------------------------- against the server config
+
+CFG = ServerConfig(max_messages=5, max_message_chars=10, max_total_chars=25, max_tokens_limit=100,
+                   max_temperature=1.5, max_top_k=100, min_top_p=0.1)
+
+
+def check(**fields):
+    with pytest.raises(RequestError) as e:
+        validate_against_config(parse_request(req(**fields)), CFG)
+    return e.value
+
+
+def msgs(*roles, text="hi"):
+    return [{"role": r, "content": text} for r in roles]
+
+
+def test_valid_conversation_passes():
+    validate_against_config(parse_request({"messages": msgs("system", "user", "assistant", "user")}), CFG)
+    validate_against_config(parse_request({"messages": msgs("user", "assistant", "user")}), CFG)
+
+
+def test_size_limits():
+    assert check(messages=msgs("user", "assistant", "user", "assistant", "user", "assistant", "user")).param \
+        == "messages"
+    assert check(messages=msgs("user", "assistant") + msgs("user", text="x" * 11)).param == "messages[2].content"
+    assert check(messages=msgs("user", "assistant", "user", text="x" * 9)).param == "messages"  # 27 > 25
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 101}, "max_tokens"),
+    ({"max_completion_tokens": 101}, "max_completion_tokens"), ({"max_tokens": 5, "max_completion_tokens": 6},
+                                                                "max_tokens"),
+    ({"temperature": 1.6}, "temperature"), ({"temperature": -0.1}, "temperature"),
+    ({"top_k": 101}, "top_k"), ({"top_k": -1}, "top_k"),
+    ({"top_p": 0.05}, "top_p"), ({"top_p": 0}, "top_p"), ({"top_p": 1.1}, "top_p"),
+])
+def test_bounds(fields, param):
+    e = check(**fields)
+    assert e.param == param and param in e.message
+
+
+def test_resolved_defaults():
+    r = parse_request(req())
+    assert resolve_max_tokens(r, CFG) == CFG.default_max_tokens
+    assert resolve_sampling(r, CFG) == (0.8, 50, 1.0)
+    r = parse_request(req(max_completion_tokens=7, temperature=0, top_k=0, top_p=0.5))
+    assert resolve_max_tokens(r, CFG) == 7 and resolve_sampling(r, CFG) == (0, 0, 0.5)
+
+
+@pytest.mark.parametrize("roles, param", [
+    (("user", "assistant"), "messages"),
+    (("system",), "messages"),
+    (("user", "user"), "messages[1].role"),
+    (("assistant", "user"), "messages[0].role"),
+    (("system", "system", "user"), "messages[1].role"),
+    (("user", "system", "user"), "messages[1].role"),
+])
+def test_conversation_shape(roles, param):
+    assert check(messages=msgs(*roles)).param == param
+
+
+def test_response_models_serialize():
+    usage = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    resp = ChatCompletionResponse(id="chatcmpl-1", created=1, model="m", usage=usage,
+                                  choices=[Choice(index=0, message=ResponseMessage(content="yo"), finish_reason="stop")])
+    d = resp.model_dump()
+    assert d["object"] == "chat.completion" and d["choices"][0]["message"] == {"role": "assistant", "content": "yo"}
+    chunk = ChatCompletionChunk(id="c", created=1, model="m",
+                                choices=[ChunkChoice(index=0, delta=Delta(content="y"), finish_reason=None)])
+    assert chunk.model_dump(exclude_none=True)["choices"][0]["delta"] == {"content": "y"}
+    assert chunk.object == "chat.completion.chunk"
+    ml = ModelList(data=[ModelCard(id="nanochat-sft", created=1)]).model_dump()
+    assert ml == {"object": "list", "data": [{"id": "nanochat-sft", "object": "model", "created": 1,
+                                              "owned_by": "nanochat"}]}
