@@ -69,6 +69,21 @@ class KVCache:
     def reset(self):
         self.lengths.zero_()
 
+    def view(self, start, stop):
+        """Rows [start, stop) as a KVCache sharing this one's storage: a forward on the view writes in place."""
+        view = KVCache.__new__(KVCache)
+        view.batch_size, view.seq_len, view.num_layers, view.layout = stop - start, self.seq_len, self.num_layers, self.layout
+        view.tensors = {name: t[:, start:stop] for name, t in self.tensors.items()}
+        view.lengths = self.lengths[start:stop]
+        view._step_positions = None
+        return view
+
+    def copy_row(self, src, dst):
+        """Row dst becomes a copy of row src (a server packing its running rows, or sharing a prefilled prompt)."""
+        for t in self.tensors.values():
+            t[:, dst] = t[:, src]
+        self.lengths[dst] = self.lengths[src]
+
     def reorder(self, row_indices, seq_len=None):
         """
         New rows from old ones: row b becomes a copy of row row_indices[b] (beam search; sharing one

@@ -85,6 +85,19 @@ def _must_be(value, allowed, field):
     return value
 
 
+def _check_stop_value(value):
+    if isinstance(value, list):
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+        if not all(isinstance(s, str) and s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+    elif isinstance(value, str) and not value:
+        raise ValueError("stop must not be an empty string")
+    elif value is not None and not isinstance(value, str):
+        raise ValueError("stop must be a string or a list of strings")
+    return value
+
+
 class ChatCompletionRequest(_Model):
     model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -118,16 +131,7 @@ class ChatCompletionRequest(_Model):
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value):
-        if isinstance(value, list):
-            if len(value) > MAX_STOP_SEQUENCES:
-                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
-            if not all(isinstance(s, str) and s for s in value):
-                raise ValueError("stop sequences must be non-empty strings")
-        elif isinstance(value, str) and not value:
-            raise ValueError("stop must not be an empty string")
-        elif value is not None and not isinstance(value, str):
-            raise ValueError("stop must be a string or a list of strings")
-        return value
+        return _check_stop_value(value)
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -182,17 +186,21 @@ def _param_from_loc(loc):
     return param or None
 
 
-def parse_request(body):
-    """dict (decoded JSON) -> ChatCompletionRequest, or RequestError naming the first bad field."""
+def _validate(model, body):
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         param = _param_from_loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise RequestError(f"{param}: {msg}" if param else msg, param) from None
+
+
+def parse_request(body):
+    """dict (decoded JSON) -> ChatCompletionRequest, or RequestError naming the first bad field."""
+    return _validate(ChatCompletionRequest, body)
 
 
 # ----------------------------------------------------------------------------- checks against server config
@@ -320,3 +328,67 @@ class ModelCard(_Model):
 class ModelList(_Model):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----------------------------------------------------------------------------- batch API (nanochat's own)
+
+MAX_BATCH_REQUESTS = 64
+
+
+class BatchItem(_Model):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class BatchCompletionRequest(_Model):
+    """Several conversations generated together with shared sampling settings: one result per request."""
+    model: StrictStr | None = None
+    requests: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None
+    max_tokens: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        return _check_stop_value(value)
+
+
+    def as_chat_requests(self):
+        """One ChatCompletionRequest per item, so each is checked exactly like a /v1/chat/completions body."""
+        shared = self.model_dump(exclude={"requests"}, exclude_none=True)
+        return [ChatCompletionRequest(messages=item.messages, **shared) for item in self.requests]
+
+
+def parse_batch_request(body):
+    """dict -> BatchCompletionRequest, or RequestError naming the first bad field."""
+    return _validate(BatchCompletionRequest, body)
+
+
+class BatchResult(_Model):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class BatchCompletionResponse(_Model):
+    id: str
+    object: Literal["batch.completion"] = "batch.completion"
+    created: int
+    model: str
+    results: list[BatchResult]
+    usage: Usage
+
+
+class ErrorDetail(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorDetail

@@ -1,0 +1,385 @@
+"""
+Continuous batching: one Scheduler, with its own thread, per model replica.
+
+Every running sequence ("row") owns one slot of a KV cache preallocated for max_batch_size rows x the
+model's context. Running rows stay packed in slots 0..n-1, so a decode step is one forward over the view
+kv_cache[0:n] with each row's latest token, (n, 1). Between steps:
+- rows that finished, used up their token budget, or whose client went away leave at once; the last
+  running row is copied into the freed slot (one row copy) to keep the rows packed;
+- waiting requests join: their prompts are prefilled together into the next free slots, and a request's
+  extra samples (n > 1) copy its prefilled slot instead of recomputing it.
+Each row samples with its own request's temperature / top-k / top-p, and its request's seeded generator.
+With speculative decoding on, a sequence running alone is decoded speculatively (its own caches); when
+another request arrives it rejoins the batch by prefilling its prompt plus what it has generated so far.
+
+The HTTP side never touches torch: it submits a Ticket and reads lists of events from the ticket's
+asyncio queue, filled by this thread through loop.call_soon_threadsafe, so generation never blocks the
+event loop. Events: ("token", row, token_id), ("finish", row, "stop"|"length"), ("error", None, message).
+"""
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import time
+from collections import defaultdict, deque
+
+import torch
+
+from nanochat.common import autocast_context
+from nanochat.engine import Engine, KVCache, RowState
+from nanochat.sampling import process_logits, sample_from_probs
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Every slot is busy and the queue is full (HTTP 503); retry_after is in seconds."""
+
+    def __init__(self, retry_after):
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after = retry_after
+
+
+class Ticket:
+    """One request: len(prompts) x num_samples rows (row = prompt_index * num_samples + sample)."""
+
+    def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, loop=None):
+        self.prompts, self.num_samples, self.max_tokens = prompts, num_samples, max_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.num_rows = len(prompts) * num_samples
+        self.loop = loop or asyncio.get_running_loop()
+        self.events = asyncio.Queue()
+        self.cancelled = False  # the client went away: drop every row
+        self.stopped_rows = set()  # rows the client ended itself (a stop sequence matched)
+        self.generator = None  # the scheduler seeds one on the model's device when seed is given
+        self.rows_left = self.num_rows
+        self.started_at = None
+        self.first_event_at = None  # set by the HTTP side when the first events arrive (time to first token)
+        self.streams = []  # the HTTP side's TextStreams, one per row
+        self.scheduler = None
+
+    def cancel(self):
+        self.cancelled = True
+
+    def stop_row(self, row):
+        self.stopped_rows.add(row)
+
+    def send(self, events):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, events)
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
+            pass
+
+
+class Row:
+    """One generated sequence. Invariant while batched: its slot caches prompt + generated[:-1]."""
+
+    def __init__(self, ticket, index, tokenizer):
+        self.ticket, self.index = ticket, index
+        self.prompt = ticket.prompts[index // ticket.num_samples]
+        self.state = RowState(tokenizer)  # calculator tool state; done once a terminal token is sampled
+        self.generated = []
+        self.max_new = None  # set by the scheduler from the context left
+        self.speculative = None  # the speculative token iterator while this row runs alone
+
+    def context(self):
+        return self.prompt + self.generated
+
+    def dropped(self):
+        return self.ticket.cancelled or self.index in self.ticket.stopped_rows
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch_size=32, max_running_requests=None, max_queued_requests=128,
+                 draft=None, speculative_proposals=0, max_prefill_tokens=None, name="replica-0"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.engine = Engine(model, tokenizer, draft=draft)
+        self.device = model.get_device()
+        self.context_len = model.config.sequence_len
+        self.max_rows = max_batch_size
+        self.max_running_requests = max_running_requests or max_batch_size
+        self.max_queued_requests = max_queued_requests
+        self.speculative_proposals = speculative_proposals if draft is not None else 0
+        # A long prompt burst is prefilled over several steps so running streams are not stalled for long.
+        self.max_prefill_tokens = max_prefill_tokens or max(4 * self.context_len, 4096)
+        self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
+        self.rows = []  # running rows; rows[j] lives in kv_cache slot j
+        self.pending = []  # admitted rows waiting for their prefill
+        self.solo = None  # the row being decoded speculatively, if any
+        self.waiting = deque()  # submitted tickets not yet admitted
+        self.running_tickets = set()
+        self.outbox = defaultdict(list)  # ticket -> events of this step
+        self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(7), "little"))
+        self.autocast = autocast_context(self.device.type)
+        self.seconds_per_request = 2.0  # running average, for Retry-After
+        self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+
+    # ------------------------------------------------------------------ called from the event loop
+
+    def start(self):
+        self._thread.start()
+
+    def shutdown(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def rows_in_use(self):
+        return len(self.rows) + len(self.pending) + (self.solo is not None)
+
+    def load(self):
+        """Rows running or waiting: where the next request should go (fewest first)."""
+        return self.rows_in_use() + sum(t.num_rows for t in self.waiting)
+
+    def queued(self, extra=None):
+        """Waiting tickets that do not fit in the free capacity (first come first served), counting `extra` last."""
+        free_rows = self.max_rows - self.rows_in_use()
+        free_requests = self.max_running_requests - len(self.running_tickets)
+        queued = 0
+        for ticket in [*self.waiting, *([extra] if extra else [])]:
+            if queued == 0 and ticket.num_rows <= free_rows and free_requests > 0:
+                free_rows, free_requests = free_rows - ticket.num_rows, free_requests - 1
+            else:
+                queued += 1
+        return queued
+
+    def speculative_counts(self):
+        """(drafted, accepted) tokens so far, including the speculative run in progress."""
+        drafted, accepted = self.counters["drafted"], self.counters["accepted"]
+        stats = self.engine.last_speculative_stats
+        if self.solo is not None and stats:
+            drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+        return drafted, accepted
+
+    def submit(self, ticket):
+        """Queue a ticket, or raise Overloaded when it cannot start now and the queue is full."""
+        if ticket.num_rows > self.max_rows:
+            raise ValueError(f"{ticket.num_rows} sequences exceed --max-batch-size {self.max_rows}")
+        with self._cond:
+            if self.queued(extra=ticket) > self.max_queued_requests:
+                wait = self.seconds_per_request * (self.queued() + 1) / self.max_running_requests
+                raise Overloaded(max(1.0, math.ceil(wait)))
+            self.waiting.append(ticket)
+            self._cond.notify()
+
+    def wake(self):
+        """A ticket was cancelled: let the thread drop its rows now even if it was idle."""
+        with self._cond:
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._stopping and not (self.rows or self.pending or self.solo or self.waiting):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                with torch.inference_mode(), self.autocast:
+                    self._step()
+            except Exception as e:  # a bug or out-of-memory must not kill the replica: fail the batch, go on
+                logger.exception(f"{self.name}: generation step failed")
+                self._fail_all(f"generation failed: {type(e).__name__}")
+            self._flush()
+
+    def _step(self):
+        self._drop_rows([r for r in self._all_rows() if r.dropped()])
+        self._admit()
+        if self._can_speculate():
+            self._speculative_step()
+            return
+        if self.solo is not None:  # someone else arrived: the solo row rejoins the batch
+            self._end_speculation(self.solo)
+            self.pending.append(self.solo)
+            self.solo = None
+        if self.pending:
+            self._prefill()
+        if self.rows:
+            self._decode()
+
+    def _all_rows(self):
+        return self.rows + self.pending + ([self.solo] if self.solo is not None else [])
+
+    def _admit(self):
+        """Waiting tickets -> pending rows, first come first served, while slots and request slots last."""
+        with self._cond:
+            while self.waiting:
+                ticket = self.waiting[0]
+                if ticket.cancelled:
+                    self.waiting.popleft()
+                    continue
+                if (self.rows_in_use() + ticket.num_rows > self.max_rows
+                        or len(self.running_tickets) >= self.max_running_requests):
+                    return
+                self.waiting.popleft()
+                self.running_tickets.add(ticket)
+                ticket.started_at = time.monotonic()
+                if ticket.seed is not None:
+                    ticket.generator = torch.Generator(device=self.device).manual_seed(ticket.seed)
+                for index in range(ticket.num_rows):
+                    row = Row(ticket, index, self.tokenizer)
+                    row.max_new = min(ticket.max_tokens, self.context_len - len(row.prompt))
+                    self.pending.append(row)
+
+    def _prefill(self):
+        """Prefill pending rows into the slots after the running ones; a prompt's samples share one prefill."""
+        groups = defaultdict(list)  # fresh samples of one prompt share a prefill; a rejoining row has its own
+        for row in self.pending:
+            key = (id(row.ticket), row.index // row.ticket.num_samples) if not row.generated else id(row)
+            groups[key].append(row)
+        chosen, longest = [], 0
+        for group in groups.values():
+            length = len(group[0].context())
+            if chosen and (len(chosen) + 1) * max(longest, length) > self.max_prefill_tokens:
+                break
+            chosen.append(group)
+            longest = max(longest, length)
+
+        contexts = [group[0].context() for group in chosen]
+        lengths = [len(c) for c in contexts]
+        start = len(self.rows)
+        view = self.kv_cache.view(start, start + len(chosen))
+        view.reset()  # the slots may hold a departed row's length
+        pad = self.tokenizer.get_pad_token_id()
+        ids = torch.tensor([c + [pad] * (longest - len(c)) for c in contexts], dtype=torch.long, device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (groups, V)
+        view.set_lengths(lengths)  # right padding sits past each row's length: never attended, overwritten later
+        self.counters["prefill_tokens"] += sum(lengths)
+
+        new_rows, logit_rows = [], []
+        self.rows.extend(group[0] for group in chosen)
+        new_rows += [group[0] for group in chosen]
+        logit_rows += list(range(len(chosen)))
+        for g, group in enumerate(chosen):
+            for extra in group[1:]:
+                self.kv_cache.copy_row(start + g, len(self.rows))
+                self.rows.append(extra)
+                new_rows.append(extra)
+                logit_rows.append(g)
+        taken = {id(r) for r in new_rows}
+        self.pending = [r for r in self.pending if id(r) not in taken]
+        self._sample_and_emit(new_rows, logits[logit_rows])
+
+    def _decode(self):
+        ids = torch.tensor([[row.generated[-1]] for row in self.rows], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=self.kv_cache.view(0, len(self.rows)))[:, -1]  # (n, V)
+        self.counters["decode_steps"] += 1
+        self._sample_and_emit(list(self.rows), logits)
+
+    def _sample_and_emit(self, rows, logits):
+        """Sample one token per row with that row's settings, emit it, and retire finished rows."""
+        settings = [(r.ticket.temperature, r.ticket.top_k, r.ticket.top_p) for r in rows]
+        if len(set(settings)) == 1:
+            probs = process_logits(logits, *settings[0])
+        else:
+            probs = process_logits(logits, *map(list, zip(*settings)))
+        sampled = [0] * len(rows)
+        by_generator = defaultdict(list)  # seeded requests draw from their own generator, the rest share one
+        for j, row in enumerate(rows):
+            by_generator[row.ticket.generator or self.generator].append(j)
+        for generator, js in by_generator.items():
+            tokens = sample_from_probs(probs[js], generator)[:, 0].tolist()
+            for j, token in zip(js, tokens):
+                sampled[j] = token
+        finished = [row for row, token in zip(rows, sampled) if self._emit(row, token)]
+        self._drop_rows(finished)
+
+    def _emit(self, row, sampled):
+        """Feed one token to the row (the tool may override it); returns True when the row has finished."""
+        token, _ = row.state.next(sampled)
+        events = self.outbox[row.ticket]
+        if row.state.done:  # the terminal token ends the reply and is not part of it
+            events.append(("finish", row.index, "stop"))
+            return True
+        row.generated.append(token)
+        self.counters["generated_tokens"] += 1
+        events.append(("token", row.index, token))
+        if len(row.generated) >= row.max_new:
+            events.append(("finish", row.index, "length"))
+            return True
+        return False
+
+    def _drop_rows(self, doomed):
+        """Remove rows from wherever they are, keep the running rows packed, and close finished tickets."""
+        if not doomed:
+            return
+        doomed_ids = {id(r) for r in doomed}
+        keep = len(self.rows) - sum(id(r) in doomed_ids for r in self.rows)
+        holes = [j for j in range(keep) if id(self.rows[j]) in doomed_ids]
+        movers = [j for j in range(keep, len(self.rows)) if id(self.rows[j]) not in doomed_ids]
+        for hole, src in zip(holes, movers):  # equal counts: as many survivors past `keep` as holes before it
+            self.kv_cache.copy_row(src, hole)
+            self.rows[hole] = self.rows[src]
+        del self.rows[keep:]
+        self.pending = [r for r in self.pending if id(r) not in doomed_ids]
+        if self.solo is not None and id(self.solo) in doomed_ids:
+            self._end_speculation(self.solo)
+            self.solo = None
+        for row in doomed:
+            ticket = row.ticket
+            ticket.rows_left -= 1
+            if ticket.rows_left == 0:
+                self.running_tickets.discard(ticket)
+                seconds = time.monotonic() - ticket.started_at
+                self.seconds_per_request = 0.9 * self.seconds_per_request + 0.1 * seconds
+
+    # ------------------------------------------------------------------ speculative decoding of a lone row
+
+    def _can_speculate(self):
+        if not self.speculative_proposals or self.waiting:
+            return False
+        rows = self._all_rows()
+        if len(rows) != 1 or rows[0].ticket.num_rows != 1:
+            return False
+        row = rows[0]
+        # the drafter's own tool state starts empty: only start between tool calls
+        return row is self.solo or (not row.state.has_forced() and row.state.expression is None)
+
+    def _speculative_step(self):
+        if self.solo is None:
+            row = self._all_rows()[0]
+            self.rows, self.pending = [], []  # its batch slot (if any) is abandoned; it will be re-prefilled
+            seed = row.ticket.seed if row.ticket.seed is not None else int(torch.randint(2**62, (1,), generator=self.generator))
+            seed += len(row.generated)  # a rejoin must not replay the random draws of the first segment
+            row.speculative = self.engine.generate(
+                row.context(), max_tokens=row.max_new - len(row.generated), temperature=row.ticket.temperature,
+                top_k=row.ticket.top_k, top_p=row.ticket.top_p, seed=seed,
+                speculative_num_tokens=self.speculative_proposals)
+            self.solo = row
+        row = self.solo
+        column = next(row.speculative, None)
+        if column is None:  # the iterator ran out: only at the token budget, which _emit has already closed
+            self._drop_rows([row])
+        elif self._emit(row, column[0][0]):
+            self._drop_rows([row])
+
+    def _end_speculation(self, row):
+        if row.speculative is None:
+            return
+        row.speculative.close()
+        stats = self.engine.last_speculative_stats or {}
+        self.counters["drafted"] += stats.get("drafted", 0)
+        self.counters["accepted"] += stats.get("accepted", 0)
+        row.speculative = None
+
+    # ------------------------------------------------------------------ delivery and failure
+
+    def _flush(self):
+        for ticket, events in self.outbox.items():
+            ticket.send(events)
+        self.outbox.clear()
+
+    def _fail_all(self, message):
+        for row in self._all_rows():
+            self.outbox[row.ticket] = [("error", None, message)]
+        self._drop_rows(self._all_rows())
+        self.kv_cache.reset()

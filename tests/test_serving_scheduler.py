@@ -1,0 +1,208 @@
+"""The continuous-batching scheduler, in-process: outputs must match plain Engine generation."""
+
+import asyncio
+
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.serving.scheduler import Overloaded, Scheduler, Ticket
+from nanochat.tokenizer import RustBPETokenizer
+
+CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RustBPETokenizer.train_from_iterator(iter(CORPUS), 300)
+
+
+@pytest.fixture(scope="module", params=[("mha", 4), ("mla", 4)])
+def model(request, tokenizer):
+    attention, n_kv_head = request.param
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
+                          n_kv_head=n_kv_head, n_embd=64, attention=attention))
+    model.init_weights()
+    for name, p in model.named_parameters():  # non-zero projections so different prompts give different text
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 256, (4 + 5 * i,), generator=g).tolist() for i in range(n)]
+
+
+def greedy_reference(model, tokenizer, prompt, max_tokens):
+    result, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return result[0][len(prompt):]
+
+
+async def collect(ticket, initial=()):
+    """Tokens per row and finish reasons, until every row has finished (initial: events already read)."""
+    tokens, finish = [[] for _ in range(ticket.num_rows)], [None] * ticket.num_rows
+    batches = [list(initial)]
+    while None in finish:
+        for kind, row, value in batches.pop() if batches else await asyncio.wait_for(ticket.events.get(), 30):
+            assert kind != "error", value
+            if kind == "token":
+                tokens[row].append(value)
+            else:
+                finish[row] = value
+    return tokens, finish
+
+
+def run(scheduler, coroutine):
+    scheduler.start()
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        scheduler.shutdown()
+
+
+def test_staggered_requests_match_engine_greedy(model, tokenizer):
+    """Requests arriving while others decode join between steps and still get exactly their greedy output."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    ps = prompts(6)
+
+    async def main():
+        tickets = []
+        for p in ps:
+            tickets.append(Ticket([p], 1, 20, 0.0, None, None))
+            scheduler.submit(tickets[-1])
+            await asyncio.sleep(0.003)  # land at different decode steps
+        return [await collect(t) for t in tickets]
+
+    results = run(scheduler, main())
+    for p, (tokens, finish) in zip(ps, results):
+        assert tokens[0] == greedy_reference(model, tokenizer, p, 20)
+        assert finish[0] in ("stop", "length")
+    assert scheduler.counters["decode_steps"] > 0 and scheduler.rows == [] and scheduler.running_tickets == set()
+
+
+def test_mixed_sampling_settings_in_one_batch(model, tokenizer):
+    """A greedy request batched with hot-sampled ones is unaffected by their settings."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    p = prompts(1, seed=3)[0]
+
+    async def main():
+        greedy = Ticket([p], 1, 24, 0.0, None, None)
+        others = [Ticket([q], 2, 24, 1.5, 20, 0.9) for q in prompts(3, seed=4)]
+        for t in [others[0], greedy, *others[1:]]:
+            scheduler.submit(t)
+        result = await collect(greedy)
+        for t in others:
+            await collect(t)
+        return result
+
+    tokens, _ = run(scheduler, main())
+    assert tokens[0] == greedy_reference(model, tokenizer, p, 24)
+
+
+def test_samples_share_the_prefill_and_seed_reproduces(model, tokenizer):
+    p = prompts(1, seed=5)[0]
+
+    def sample(seed, max_batch_size):
+        scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size)
+        return run(scheduler, collect_one(seed, scheduler))[0]
+
+    async def collect_one(seed, scheduler):
+        ticket = Ticket([p], 3, 16, 1.0, None, None, seed=seed)
+        scheduler.submit(ticket)
+        return await collect(ticket)
+
+    first = sample(7, 4)
+    assert len(first) == 3
+    assert sample(7, 4) == first  # same seed, same tokens
+    assert sample(7, 16) == first  # the cache size does not matter either
+    assert sample(8, 4) != first  # a different seed samples differently
+    assert len({tuple(t) for t in first}) > 1  # the three samples are not copies of one another
+
+
+def test_greedy_samples_are_identical(model, tokenizer):
+    p = prompts(1, seed=6)[0]
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4)
+
+    async def main():
+        ticket = Ticket([p], 3, 12, 0.0, None, None)
+        scheduler.submit(ticket)
+        return await collect(ticket)
+
+    tokens, _ = run(scheduler, main())
+    assert tokens == [greedy_reference(model, tokenizer, p, 12)] * 3
+
+
+def test_cancel_frees_the_rows_at_once(model, tokenizer):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2)
+
+    async def main():
+        ticket = Ticket([prompts(1)[0]], 2, 10_000, 1.0, None, None)  # would run to the end of the context
+        scheduler.submit(ticket)
+        await asyncio.wait_for(ticket.events.get(), 30)
+        ticket.cancel()
+        scheduler.wake()
+        for _ in range(200):
+            if scheduler.rows_in_use() == 0:
+                break
+            await asyncio.sleep(0.005)
+        generated = scheduler.counters["generated_tokens"]
+        await asyncio.sleep(0.1)
+        return generated
+
+    generated = run(scheduler, main())
+    assert scheduler.rows_in_use() == 0 and scheduler.running_tickets == set()
+    assert scheduler.counters["generated_tokens"] == generated  # nothing more was generated after leaving
+    assert generated < 2 * (128 - len(prompts(1)[0]))
+
+
+def test_queue_limit_raises_overloaded(model, tokenizer):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=1, max_queued_requests=1)  # not started: nothing drains
+
+    async def main():
+        scheduler.submit(Ticket([[1, 5]], 1, 4, 0.0, None, None))  # fits in the free slot
+        scheduler.submit(Ticket([[1, 6]], 1, 4, 0.0, None, None))  # waits in the queue
+        with pytest.raises(Overloaded) as e:
+            scheduler.submit(Ticket([[1, 7]], 1, 4, 0.0, None, None))
+        assert e.value.retry_after >= 1
+        with pytest.raises(ValueError, match="max-batch-size"):
+            scheduler.submit(Ticket([[1, 7]], 2, 4, 0.0, None, None))
+
+    asyncio.run(main())
+
+
+def test_finish_reasons_and_context_limit(model, tokenizer):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2)
+    long_prompt = [1] + [7] * 120  # 121 of 128 context tokens: only 7 can be generated
+
+    async def main():
+        ticket = Ticket([long_prompt, [1, 9, 9]], 1, 50, 0.0, None, None)
+        scheduler.submit(ticket)
+        return await collect(ticket)
+
+    tokens, finish = run(scheduler, main())
+    reference = greedy_reference(model, tokenizer, long_prompt, 50)
+    assert tokens[0] == reference and len(reference) <= 7
+    assert finish[0] == ("length" if len(reference) == 7 else "stop")
+
+
+def test_speculative_lone_request_and_rejoin_stay_exact(model, tokenizer):
+    """Greedy speculative output equals plain greedy, also when a second request forces a rejoin mid-way."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, draft="ngram", speculative_proposals=3)
+    a, b = prompts(2, seed=9)
+
+    async def main():
+        first = Ticket([a], 1, 60, 0.0, None, None)
+        scheduler.submit(first)
+        seen = await asyncio.wait_for(first.events.get(), 30)  # it is running speculatively now
+        assert scheduler.solo is not None
+        second = Ticket([b], 1, 20, 0.0, None, None)
+        scheduler.submit(second)
+        return await collect(first, seen), await collect(second)
+
+    (tokens_a, _), (tokens_b, _) = run(scheduler, main())
+    assert tokens_a[0] == greedy_reference(model, tokenizer, a, 60)
+    assert tokens_b[0] == greedy_reference(model, tokenizer, b, 20)
+    assert scheduler.speculative_counts()[0] > 0
