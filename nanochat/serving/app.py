@@ -1,0 +1,484 @@
+"""
+The HTTP server: FastAPI routes over the continuous-batching schedulers.
+
+    GET  /                       the chat UI (ui.html with the server's sampling bounds filled in)
+    POST /chat/completions       the UI's streaming endpoint
+    POST /v1/chat/completions    OpenAI Chat Completions (stream and non-stream)
+    GET  /v1/models              the served model
+    POST /v1/batch/completions   several conversations generated together
+    GET  /health, GET /metrics   readiness and Prometheus metrics (no key needed)
+
+Every generation route goes through the same steps: API key -> rate limit -> parse and validate ->
+render the prompt -> submit a Ticket -> read its events. Errors always have OpenAI's body shape.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from importlib.resources import files
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.serving.auth import AuthError, check_api_key
+from nanochat.serving.metrics import ServerMetrics
+from nanochat.serving.protocol import (
+    BatchCompletionRequest,
+    BatchCompletionResponse,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    ModelList,
+    RequestError,
+    error_body,
+    parse_batch_request,
+    parse_request,
+    resolve_max_tokens,
+    resolve_sampling,
+    validate_against_config,
+)
+from nanochat.serving.ratelimit import SlidingWindowRateLimiter, retry_after_header
+from nanochat.serving.scheduler import Overloaded, Ticket
+from nanochat.serving.streaming import TextStream
+
+logger = logging.getLogger("nanochat.serving")
+UI_CONFIG_PLACEHOLDER = "/*__NANOCHAT_UI_CONFIG__*/null"
+MAX_BODY_BYTES = 1 << 20  # far above any request the config limits allow; bigger bodies are refused unread
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+class APIError(Exception):
+    """Any client-facing failure: becomes a JSON error body with this status (and headers)."""
+
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+class GenerationFailed(Exception):
+    """The scheduler reported an error for this request (e.g. out of memory); the server itself goes on."""
+
+
+class ServerState:
+    def __init__(self, schedulers, tokenizer, config, model_name):
+        self.schedulers, self.tokenizer, self.config, self.model_name = schedulers, tokenizer, config, model_name
+        self.context_len = schedulers[0].context_len
+        self.max_batch_size = schedulers[0].max_rows
+        self.created = int(time.time())
+        self.limiter = SlidingWindowRateLimiter(config.rate_limit_max_requests, config.rate_limit_window_seconds)
+        self.metrics = ServerMetrics(schedulers)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _error_response(status, message, type, param=None, code=None, headers=None):
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def _authorize(state, request):
+    """The caller's key id; raises 401 for a missing/wrong key and 429 past the rate limit."""
+    try:
+        caller = check_api_key(request.headers.get("authorization"), state.config.valid_api_keys)
+    except AuthError as e:
+        code = "missing_api_key" if "Missing" in str(e) else "invalid_api_key"
+        raise APIError(401, str(e), "invalid_request_error", code=code,
+                       headers={"WWW-Authenticate": "Bearer"}) from None
+    allowed, retry_after = state.limiter.check(caller)
+    if not allowed:
+        raise APIError(429, f"rate limit exceeded: at most {state.config.rate_limit_max_requests} requests per "
+                       f"{state.config.rate_limit_window_seconds:g} s", "rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": retry_after_header(retry_after)})
+    return caller
+
+
+async def _read_json(request):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(400, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(400, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON") from None
+
+
+def _bad_request(e):
+    return APIError(400, e.message, param=e.param, code="invalid_value" if e.param else None)
+
+
+def _check_model(state, model):
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _render_prompt(state, messages, param="messages"):
+    conversation = {"messages": [{"role": m.role, "content": m.text} for m in messages] +
+                    [{"role": "assistant", "content": ""}]}
+    prompt = state.tokenizer.render_for_completion(conversation)
+    if len(prompt) >= state.context_len:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens but the model's context is {state.context_len} "
+                       "tokens, leaving no room for a reply; shorten the conversation", param=param,
+                       code="context_length_exceeded")
+    return prompt
+
+
+def _prepare_chat(state, body):
+    """Validated request -> (request, prompt tokens, max_tokens, (temperature, top_k, top_p))."""
+    try:
+        req = parse_request(body)
+        validate_against_config(req, state.config)
+        max_tokens, sampling = resolve_max_tokens(req, state.config), resolve_sampling(req, state.config)
+    except RequestError as e:
+        raise _bad_request(e) from None
+    _check_model(state, req.model)
+    if req.n > state.max_batch_size:
+        raise APIError(400, f"n={req.n} exceeds the server's batch size {state.max_batch_size}", param="n")
+    return req, _render_prompt(state, req.messages), max_tokens, sampling
+
+
+def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
+    ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed)
+    scheduler = min(state.schedulers, key=lambda s: s.load())  # the least busy replica
+    try:
+        scheduler.submit(ticket)
+    except Overloaded as e:
+        raise APIError(503, "the server is at capacity; retry later", "server_error", code="overloaded",
+                       headers={"Retry-After": retry_after_header(e.retry_after)}) from None
+    ticket.scheduler = scheduler
+    return ticket
+
+
+def _stop_list(stop):
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+async def _text_events(ticket, tokenizer, stop, request=None):
+    """
+    Yields (row, text piece, finish_reason or None) for every row of the ticket until all are finished;
+    returns the TextStreams (token counts) through the .streams attribute of the ticket. With a request
+    given (non-streaming), a client that disconnects while waiting cancels the ticket.
+    """
+    streams = ticket.streams = [TextStream(tokenizer, stop) for _ in range(ticket.num_rows)]
+    open_rows = ticket.num_rows
+    while open_rows:
+        if request is None:
+            events = await ticket.events.get()
+        else:
+            try:
+                events = await asyncio.wait_for(ticket.events.get(), DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+        if ticket.first_event_at is None:
+            ticket.first_event_at = time.monotonic()
+        for kind, row, value in events:
+            if kind == "error":
+                raise GenerationFailed(value)
+            stream = streams[row]
+            if stream.stopped:
+                continue
+            if kind == "token":
+                piece, stopped = stream.add(value)
+                if stopped:  # the scheduler drops the row before its next step
+                    ticket.stop_row(row)
+                    open_rows -= 1
+                    yield row, piece, "stop"
+                elif piece:
+                    yield row, piece, None
+            else:
+                stream.stopped = True
+                open_rows -= 1
+                yield row, stream.finish(), value
+
+
+def _usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _record(state, route, caller, request_id, arrived, ticket, prompt_tokens, status=200, finish=None):
+    """Metrics and the one log line of a generation request."""
+    now = time.monotonic()
+    completion = sum(s.num_tokens for s in getattr(ticket, "streams", []))
+    state.metrics.requests.labels(route, str(status)).inc()
+    state.metrics.prompt_tokens.inc(prompt_tokens)
+    state.metrics.completion_tokens.inc(completion)
+    state.metrics.request_duration.observe(now - arrived)
+    ttft = None if ticket.first_event_at is None else ticket.first_event_at - arrived
+    rate = None
+    if ttft is not None:
+        state.metrics.time_to_first_token.observe(ttft)
+        if completion and now > ticket.first_event_at:
+            rate = completion / (now - ticket.first_event_at)
+            state.metrics.tokens_per_second.observe(rate)
+    logger.info(f"{route} {status} id={request_id} caller={caller} prompt_tokens={prompt_tokens} "
+                f"completion_tokens={completion} rows={ticket.num_rows} "
+                f"ttft_ms={'-' if ttft is None else f'{ttft * 1000:.0f}'} total_ms={(now - arrived) * 1000:.0f} "
+                f"tokens_per_second={'-' if rate is None else f'{rate:.1f}'} finish={finish or '-'}")
+
+
+def _sse(payload):
+    return f"data: {payload}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+def _component_ref(components, model):
+    """Put a pydantic model's JSON schema (and the models it uses) in components; return a $ref to it."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _openapi_docs(components):
+    """requestBody / responses for routes that read the raw body (so our own validation gives the errors)."""
+    error = {"description": "error", "content": {"application/json": {"schema": _component_ref(components, ErrorResponse)}}}
+    errors = {str(code): error for code in (400, 401, 404, 429, 503)}
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+
+    def body(model):
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _component_ref(components, model)}}}}
+
+    chat = body(ChatCompletionRequest) | {"responses": {"200": {"description": "a completion, or chunks when "
+        "stream=true", "content": {"application/json": {"schema": _component_ref(components, ChatCompletionResponse)},
+                                   **sse}}} | errors}
+    _component_ref(components, ChatCompletionChunk)  # documented for clients; sent as SSE data lines
+    ui = body(ChatCompletionRequest) | {"responses": {"200": {"description": "token events", "content": sse}} | errors}
+    batch = body(BatchCompletionRequest) | {"responses": {"200": {"description": "one result per request",
+        "content": {"application/json": {"schema": _component_ref(components, BatchCompletionResponse)}}}} | errors}
+    models = {"responses": {"200": {"description": "the served model", "content": {"application/json": {
+        "schema": _component_ref(components, ModelList)}}}, "401": error, "429": error}}
+    return dict(chat=chat, ui=ui, batch=batch, models=models)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
+    """schedulers: one started Scheduler per replica. Returns the FastAPI app."""
+    state = ServerState(schedulers, tokenizer, config, model_name)
+    components = {}
+    docs = _openapi_docs(components)
+    app = FastAPI(title="nanochat", version="1.0", description="Chat with a nanochat model; OpenAI-compatible API.")
+    app.state.nanochat = state
+    ui_html = ui_html or files("nanochat.serving").joinpath("ui.html").read_text(encoding="utf-8")
+    ui_config = {
+        "model": model_name, "auth_required": bool(config.valid_api_keys), "max_tokens": config.default_max_tokens,
+        "temperature": {"min": config.min_temperature, "max": config.max_temperature,
+                        "default": config.default_temperature, "step": 0.05},
+        "top_k": {"min": config.min_top_k, "max": config.max_top_k, "default": config.default_top_k, "step": 1},
+        "top_p": {"min": config.min_top_p, "max": config.max_top_p, "default": config.default_top_p, "step": 0.01},
+    }
+    page = ui_html.replace(UI_CONFIG_PLACEHOLDER, json.dumps(ui_config).replace("</", "<\\/"))
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+
+    # ---------------------------------------------------------------- errors: always OpenAI's shape, never a 500 page
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        logger.info(f"{request.url.path} {e.status} {e.message}")
+        return _error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):
+        state.metrics.requests.labels("other", str(e.status_code)).inc()
+        if e.status_code == 404:
+            return _error_response(404, f"Unknown route: {request.method} {request.url.path}",
+                                   "invalid_request_error", code="not_found")
+        return _error_response(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return _error_response(400, str(e.errors()[0].get("msg", "invalid request")), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, e):
+        logger.exception(f"{request.url.path}: unexpected error")
+        return _error_response(500, "internal server error", "server_error")
+
+    # ---------------------------------------------------------------- open routes
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        replicas = [{"name": s.name, "device": str(s.device), "running": s.rows_in_use(), "queued": s.queued()}
+                    for s in schedulers]
+        return {"status": "ok", "ready": True, "model": model_name, "replicas": replicas,
+                "running": sum(r["running"] for r in replicas), "queued": sum(r["queued"] for r in replicas),
+                "auth": "on" if config.valid_api_keys else "off"}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics():
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    # ---------------------------------------------------------------- key-guarded routes
+
+    @app.get("/v1/models", openapi_extra=docs["models"])
+    async def list_models(request: Request):
+        _authorize(state, request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
+                                            "owned_by": "nanochat"}]}
+
+    @app.post("/v1/chat/completions", openapi_extra=docs["chat"])
+    async def chat_completions(request: Request):
+        return await _chat(request, "/v1/chat/completions", openai_format=True)
+
+    @app.post("/chat/completions", openapi_extra=docs["ui"])
+    async def ui_chat_completions(request: Request):
+        return await _chat(request, "/chat/completions", openai_format=False)
+
+    async def _chat(request, route, openai_format):
+        """The one code path behind both chat routes; only the stream's wire format differs."""
+        arrived = time.monotonic()
+        caller = _authorize(state, request)
+        req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(request))
+        ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        meta = dict(route=route, caller=caller, request_id=request_id, arrived=arrived, prompt_tokens=len(prompt))
+        if not openai_format:
+            return StreamingResponse(_ui_stream(ticket, req, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        if req.stream:
+            return StreamingResponse(_openai_stream(ticket, req, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _openai_response(ticket, req, meta, request)
+
+    async def _openai_response(ticket, req, meta, request):
+        texts, finishes, status = [""] * ticket.num_rows, ["stop"] * ticket.num_rows, 200
+        try:
+            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop), request):
+                texts[row] += piece
+                if finish:
+                    finishes[row] = finish
+        except GenerationFailed as e:
+            status = 503
+            raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
+                           headers={"Retry-After": "1"}) from None
+        finally:
+            _finish(ticket, meta, status, ",".join(sorted(set(finishes))))
+        usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+        return {"id": meta["request_id"], "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "usage": usage,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish, "logprobs": None}
+                            for i, (text, finish) in enumerate(zip(texts, finishes))]}
+
+    async def _openai_stream(ticket, req, meta):
+        created, status, finishes = int(time.time()), 200, set()
+
+        def chunk(choices, usage=None):
+            body = {"id": meta["request_id"], "object": "chat.completion.chunk", "created": created,
+                    "model": model_name, "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return _sse(json.dumps(body))
+
+        try:
+            for i in range(ticket.num_rows):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None}])
+            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop)):
+                if piece:
+                    yield chunk([{"index": row, "delta": {"content": piece}, "finish_reason": None, "logprobs": None}])
+                if finish:
+                    finishes.add(finish)
+                    yield chunk([{"index": row, "delta": {}, "finish_reason": finish, "logprobs": None}])
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)))
+            yield _sse("[DONE]")
+        except GenerationFailed as e:
+            status = 503
+            yield _sse(json.dumps(error_body(f"{e}; retry later", "server_error", code="generation_failed")))
+        finally:  # also runs when the client disconnects: the ticket's rows leave the batch
+            _finish(ticket, meta, status if finishes or status != 200 else 499, ",".join(sorted(finishes)))
+
+    async def _ui_stream(ticket, req, meta):
+        status, finish_reason = 200, None
+        try:
+            async for _, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop)):
+                if piece:
+                    yield _sse(json.dumps({"token": piece}))
+                finish_reason = finish or finish_reason
+            usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+            yield _sse(json.dumps({"done": True, "finish_reason": finish_reason, "usage": usage}))
+        except GenerationFailed as e:
+            status = 503
+            yield _sse(json.dumps(error_body(f"{e}; retry later", "server_error", code="generation_failed")))
+        finally:
+            _finish(ticket, meta, status if finish_reason or status != 200 else 499, finish_reason)
+
+    def _finish(ticket, meta, status, finish):
+        ticket.cancel()  # a no-op for a finished ticket; frees the rows of one whose client left
+        ticket.scheduler.wake()
+        _record(state, meta["route"], meta["caller"], meta["request_id"], meta["arrived"], ticket,
+                meta["prompt_tokens"], status, finish)
+
+    @app.post("/v1/batch/completions", openapi_extra=docs["batch"])
+    async def batch_completions(request: Request):
+        arrived = time.monotonic()
+        caller = _authorize(state, request)
+        try:
+            batch = parse_batch_request(await _read_json(request))
+            chat_requests = batch.as_chat_requests()
+            for i, chat_request in enumerate(chat_requests):
+                try:
+                    validate_against_config(chat_request, config)
+                except RequestError as e:
+                    if e.param and e.param.startswith("messages"):
+                        raise RequestError(f"requests[{i}]: {e.message}", f"requests[{i}].{e.param}") from None
+                    raise
+            max_tokens = resolve_max_tokens(chat_requests[0], config)
+            sampling = resolve_sampling(chat_requests[0], config)
+        except RequestError as e:
+            raise _bad_request(e) from None
+        _check_model(state, batch.model)
+        if len(chat_requests) > state.max_batch_size:
+            raise APIError(400, f"{len(chat_requests)} requests exceed the server's batch size {state.max_batch_size}",
+                           param="requests")
+        prompts = [_render_prompt(state, r.messages, f"requests[{i}].messages") for i, r in enumerate(chat_requests)]
+        ticket = _submit(state, prompts, 1, max_tokens, sampling, batch.seed)
+        request_id = f"batch-{uuid.uuid4().hex[:24]}"
+        meta = dict(route="/v1/batch/completions", caller=caller, request_id=request_id, arrived=arrived,
+                    prompt_tokens=sum(map(len, prompts)))
+        texts, finishes, status = [""] * len(prompts), ["stop"] * len(prompts), 200
+        try:
+            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(batch.stop), request):
+                texts[row] += piece
+                if finish:
+                    finishes[row] = finish
+        except GenerationFailed as e:
+            status = 503
+            raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
+                           headers={"Retry-After": "1"}) from None
+        finally:
+            _finish(ticket, meta, status, ",".join(sorted(set(finishes))))
+        results = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                    "usage": _usage(len(prompt), stream.num_tokens)}
+                   for i, (text, finish, prompt, stream) in enumerate(zip(texts, finishes, prompts, ticket.streams))]
+        return {"id": request_id, "object": "batch.completion", "created": int(time.time()), "model": model_name,
+                "results": results, "usage": _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))}
+
+    return app

@@ -1,0 +1,154 @@
+"""
+Serve a chat model: the browser UI and an OpenAI-compatible API, one continuous-batching scheduler per replica.
+
+python -m scripts.chat_web -i sft                                   UI + API on http://127.0.0.1:8000
+python -m scripts.chat_web -i sft --config config.json --host 0.0.0.0   public: needs API keys (or --insecure)
+python -m scripts.chat_web -i sft --num-gpus 8                      one model replica per GPU
+python -m scripts.chat_web -i sft --speculative-proposals 4 --draft-model-tag d4   speculative decoding for lone requests
+
+API keys come from config.json ("valid_api_keys") or NANOCHAT_API_KEYS=key1,key2. Clients send
+"Authorization: Bearer <key>"; /health and /metrics stay open.
+"""
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import os
+import sys
+
+import torch
+
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
+from nanochat.common import get_base_dir
+from nanochat.serving.config import load_config, validate_config
+
+# CLI flag -> config field: the UI and the API read the same (possibly overridden) bounds
+SAMPLING_FLAGS = {"temperature": "default_temperature", "top_k": "default_top_k", "top_p": "default_top_p",
+                  "max_tokens": "default_max_tokens", "min_temperature": "min_temperature",
+                  "max_temperature": "max_temperature", "min_top_k": "min_top_k", "max_top_k": "max_top_k",
+                  "min_top_p": "min_top_p", "max_top_p": "max_top_p"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Serve a nanochat model: chat UI + OpenAI-compatible API")
+    p.add_argument("-i", "--source", default="sft", choices=list(SOURCES), help="which checkpoints: base|mid|sft|rl")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (non-loopback needs API keys)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", default=None, help="server config JSON (keys, rate limits, sampling bounds)")
+    p.add_argument("--num-gpus", type=int, default=None, help="replicas, one per GPU (default: 1 GPU if any, else CPU)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
+    p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
+    p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    for flag in SAMPLING_FLAGS:
+        kind = int if "top_k" in flag or flag == "max_tokens" else float
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
+                       help=f"overrides config {SAMPLING_FLAGS[flag]}")
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        p.error("--port must be in 1..65535")
+    if args.max_batch_size < 1:
+        p.error("--max-batch-size must be >= 1")
+    if args.num_gpus is not None and args.num_gpus < 1:
+        p.error("--num-gpus must be >= 1")
+    if args.speculative_proposals < 0:
+        p.error("--speculative-proposals must be >= 0")
+    if args.speculative_proposals and not args.draft_model_tag:
+        p.error("--speculative-proposals needs --draft-model-tag (a model tag or 'ngram')")
+    return args
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_config(args):
+    """config file + env + CLI overrides, validated; raises ValueError with the bad field named."""
+    config = load_config(args.config)
+    overrides = {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+    config = dataclasses.replace(config, **overrides)
+    for field in ("default_temperature", "min_temperature", "max_temperature", "default_top_p", "min_top_p", "max_top_p"):
+        setattr(config, field, float(getattr(config, field)))
+    return validate_config(config)
+
+
+def replica_devices(args):
+    device_type = args.device_type or ("cuda" if torch.cuda.is_available() else
+                                       "mps" if torch.backends.mps.is_available() else "cpu")
+    if device_type != "cuda":
+        if args.num_gpus not in (None, 1):
+            raise ValueError(f"--num-gpus {args.num_gpus} needs CUDA GPUs; this run uses {device_type}")
+        return [torch.device(device_type)]
+    available = torch.cuda.device_count()
+    wanted = args.num_gpus or 1
+    if wanted > available:
+        raise ValueError(f"--num-gpus {wanted} but torch sees {available} CUDA GPU(s)")
+    return [torch.device("cuda", i) for i in range(wanted)]
+
+
+def build_schedulers(args, config, devices):
+    from nanochat.serving.scheduler import Scheduler
+    schedulers, tokenizer = [], None
+    for i, device in enumerate(devices):
+        model, tokenizer, _ = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
+        draft = None
+        if args.draft_model_tag == "ngram":
+            draft = "ngram"
+        elif args.draft_model_tag:
+            draft, _, _ = load_model(args.source, device, "eval", model_tag=args.draft_model_tag)
+        per_replica_requests = max(1, config.max_concurrent_requests // len(devices))
+        per_replica_queue = max(0, config.max_queued_requests // len(devices))
+        scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size,
+                              max_running_requests=per_replica_requests, max_queued_requests=per_replica_queue,
+                              draft=draft, speculative_proposals=args.speculative_proposals, name=f"replica-{i}")
+        scheduler.start()
+        schedulers.append(scheduler)
+    return schedulers, tokenizer
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = logging.getLogger("nanochat.serving")
+    try:
+        config = server_config(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: bad server config: {e}")
+    if not config.valid_api_keys:
+        if not is_loopback(args.host) and not args.insecure:
+            sys.exit(f"error: refusing to listen on {args.host} without API keys: anyone who can reach it could use "
+                     "the model. Set valid_api_keys in --config or NANOCHAT_API_KEYS, bind to 127.0.0.1, or pass "
+                     "--insecure if the network is trusted.")
+        log.warning(f"auth is OFF (no API keys configured); serving {args.host} "
+                    f"{'only' if is_loopback(args.host) else '(--insecure)'}")
+    try:
+        devices = replica_devices(args)
+        model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source]))
+        schedulers, tokenizer = build_schedulers(args, config, devices)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+    import uvicorn
+
+    from nanochat.serving.app import create_app
+    app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}")
+    log.info(f"serving {args.source}-{model_tag} on {len(devices)} replica(s) {[str(d) for d in devices]}, "
+             f"max batch {args.max_batch_size}, speculative {args.speculative_proposals or 'off'}; "
+             f"open http://{args.host}:{args.port}/")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        for scheduler in schedulers:
+            scheduler.shutdown()
+
+
+if __name__ == "__main__":
+    main()

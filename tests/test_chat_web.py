@@ -1,0 +1,360 @@
+"""
+The real server (scripts/chat_web.py under uvicorn on a free loopback port) with a tiny checkpoint,
+driven with the official openai SDK and httpx.
+"""
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import PROMPT, REPO_ROOT, RunningServer, make_chat_checkpoint
+
+pytestmark = pytest.mark.slow
+API_KEY = "nc-test-4f9a8b7c6d5e4f3a2b1c"
+USER = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve_base")
+    tokenizer = make_chat_checkpoint(str(base))
+    return base, tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    with RunningServer(base_dir[0]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def keyed_server(base_dir):
+    env = {"NANOCHAT_API_KEYS": API_KEY, "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": "6"}
+    with RunningServer(base_dir[0], env=env) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
+
+
+def prompt_tokens(tokenizer, messages=USER):
+    return len(tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]}))
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI SDK
+
+def test_non_stream_with_usage(client, base_dir):
+    r = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=16, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "sft-d2"
+    assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content
+    assert r.usage.prompt_tokens == prompt_tokens(base_dir[1])
+    assert r.usage.completion_tokens == 16 and r.usage.total_tokens == r.usage.prompt_tokens + 16
+
+
+def test_stream_matches_non_stream(client):
+    plain = client.chat.completions.create(model="sft-d2", messages=USER, max_completion_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="sft-d2", messages=USER, max_completion_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_stream_ends_with_done_line(server):
+    body = {"messages": USER, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert "usage" not in json.loads(lines[-2][6:])  # no usage chunk unless asked for
+
+
+def test_n_samples_in_one_request(client):
+    r = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=12, temperature=1.0, n=3, seed=1)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens == sum(12 if c.finish_reason == "length" else 0 for c in r.choices) or \
+        r.usage.completion_tokens <= 36
+    stream = list(client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=8, temperature=1.0,
+                                                 n=2, seed=1, stream=True))
+    roles = [c.choices[0].index for c in stream if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    assert sorted(c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason) == [0, 1]
+
+
+def test_seed_reproducibility(client):
+    def sample(seed):
+        return client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=20, temperature=1.0,
+                                              seed=seed).choices[0].message.content
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(s) != first for s in (1, 2, 3))
+
+
+def test_stop_sequences(client):
+    full = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=60, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[20:24]
+    expected = text[:text.index(stop)]
+    r = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=60, temperature=0,
+                                       stop=[stop, "never appears"])
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=60, temperature=0,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list()] == ["sft-d2"]
+
+
+def test_text_parts_and_system_message(client):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hello, "}, {"type": "text", "text": "you"}]}]
+    r = client.chat.completions.create(model="sft-d2", messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="sft-d2", messages=USER, temperature=5.0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=USER)
+
+
+# ---------------------------------------------------------------------------------------------- other routes
+
+def test_ui_route_streams_tokens(server):
+    body = {"messages": USER, "max_tokens": 10, "temperature": 0}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert all("token" in e for e in events[:-1]) and events[-1]["done"] is True
+    assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 10
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert "".join(e["token"] for e in events[:-1]) == plain["choices"][0]["message"]["content"]
+
+
+def test_batch_completions(server):
+    requests = [{"messages": USER}, {"messages": [{"role": "user", "content": "the quick brown fox"}]},
+                {"messages": USER}]
+    r = httpx.post(server.url + "/v1/batch/completions", json={"requests": requests, "temperature": 0,
+                                                                "max_tokens": 12}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "batch.completion" and [x["index"] for x in body["results"]] == [0, 1, 2]
+    single = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "temperature": 0,
+                                                                   "max_tokens": 12}, timeout=60).json()
+    assert body["results"][0]["message"]["content"] == single["choices"][0]["message"]["content"]
+    assert body["results"][2]["message"]["content"] == body["results"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] == sum(x["usage"]["completion_tokens"] for x in body["results"])
+    error = error_of(httpx.post(server.url + "/v1/batch/completions", json={"requests": [
+        {"messages": USER}, {"messages": [{"role": "assistant", "content": "hi"}]}]}), 400)
+    assert error["param"].startswith("requests[1].messages")
+
+
+def test_health_and_metrics(server):
+    health = httpx.get(server.url + "/health").json()
+    assert health["ready"] is True and health["replicas"][0]["device"] == "cpu" and health["auth"] == "off"
+    assert {"running", "queued"} <= set(health)
+    httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=60)
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in ("nanochat_requests_total", "nanochat_prompt_tokens_total", "nanochat_completion_tokens_total",
+                 "nanochat_time_to_first_token_seconds_bucket", "nanochat_request_tokens_per_second_count",
+                 "nanochat_queued_requests", "nanochat_speculative_acceptance_rate"):
+        assert name in metrics.text
+    assert 'nanochat_requests_total{route="/v1/chat/completions",status="200"}' in metrics.text
+
+
+def test_ui_page_has_server_bounds(server):
+    page = httpx.get(server.url + "/").text
+    assert "__NANOCHAT_UI_CONFIG__" not in page and '"max": 2.0' in page and '"auth_required": false' in page
+
+
+def test_request_log_line(server):
+    httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=60)
+    time.sleep(0.2)
+    line = [ln for ln in server.log().splitlines() if "/v1/chat/completions 200" in ln][-1]
+    for field in ("prompt_tokens=", "completion_tokens=2", "ttft_ms=", "total_ms=", "tokens_per_second="):
+        assert field in line
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": USER, "temperature": 2.5}, "temperature"),
+    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "top_k": -1}, "top_k"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 100000}, "max_tokens"),
+    ({"messages": USER, "n": 0}, "n"),
+    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": USER, "bogus_field": 1}, "bogus_field"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 9000}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hello world " * 600}]}, "messages"),  # > 1024 context tokens
+    ({"messages": USER, "stop": ""}, "stop"),
+    ({"messages": USER, "temperature": "hot"}, "temperature"),
+])
+def test_bad_requests_are_400(server, body, param):
+    error = error_of(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_malformed_bodies_and_unknown_routes(server):
+    error_of(httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30), 400)
+    error_of(httpx.post(server.url + "/v1/chat/completions", json=[1, 2], timeout=30), 400)
+    error_of(httpx.post(server.url + "/chat/completions", content=b"\xff\xfe", timeout=30), 400)
+    assert error_of(httpx.get(server.url + "/v2/nothing"), 404)["code"] == "not_found"
+    error_of(httpx.get(server.url + "/v1/chat/completions"), 405)
+    assert error_of(httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": USER}),
+                    404)["code"] == "model_not_found"
+
+
+def test_auth_and_rate_limit(keyed_server):
+    url = keyed_server.url
+    assert httpx.get(url + "/health").status_code == 200  # open without a key
+    for route in ("/v1/chat/completions", "/chat/completions", "/v1/batch/completions"):
+        assert error_of(httpx.post(url + route, json={"messages": USER}), 401)["message"] == \
+            "Missing Authorization header"
+        assert error_of(httpx.post(url + route, json={"messages": USER},
+                                   headers={"Authorization": "Bearer wrong-key-123456789"}), 401)["message"] == \
+            "Invalid API key"
+    assert error_of(httpx.get(url + "/v1/models"), 401)["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong-key-123456789", max_retries=0).models.list()
+    assert '"auth_required": true' in httpx.get(url + "/").text
+
+    good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    statuses = []
+    for _ in range(8):  # the limit is 6 per window
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        statuses.append(r.status_code)
+    assert statuses[:6] == [200] * 6 and statuses[6:] == [429, 429]
+    error = error_of(r, 429)
+    assert error["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
+    with pytest.raises(openai.RateLimitError):
+        good.chat.completions.create(model="sft-d2", messages=USER, max_tokens=2)
+
+
+def test_overload_is_503_with_retry_after(base_dir):
+    env = {"NANOCHAT_MAX_QUEUED_REQUESTS": "0", "NANOCHAT_MAX_CONCURRENT_REQUESTS": "1"}
+    with RunningServer(base_dir[0], "--max-batch-size", "1", env=env) as s:
+        long_body = {"messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=long_body, timeout=60) as held:
+            lines = held.iter_lines()  # keep a reference: a collected line iterator closes the response
+            next(lines)  # generating: the only slot is taken
+            r = httpx.post(s.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=30)
+            assert error_of(r, 503)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        # the slot frees once the holder disconnects
+        deadline = time.monotonic() + 10
+        while httpx.get(s.url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(s.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
+                          timeout=30).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+
+def generated_tokens(server):
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("nanochat_generated_tokens "):
+            return float(line.split()[1])
+    raise AssertionError("nanochat_generated_tokens missing from /metrics")
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    before = generated_tokens(server)
+    body = {"messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while httpx.get(server.url + "/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+    after = generated_tokens(server)
+    time.sleep(0.5)
+    assert generated_tokens(server) == after  # nothing generated once the row left
+    assert after - before < 1000  # the reply was cut short, not run to max_tokens
+
+
+def test_32_concurrent_streams_all_complete(server):
+    async def one(client, i):
+        text, finish = "", None
+        stream = await client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24,
+                                                      temperature=0.8, seed=i, stream=True)
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert len(results) == 32 and all(finish in ("stop", "length") for _, finish in results)
+    assert sum(finish == "length" for _, finish in results) >= 16
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def run_cli(base_dir, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "scripts.chat_web", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env={"NANOCHAT_BASE_DIR": str(base_dir), "PATH": "/usr/bin:/bin",
+                                                      **(env or {})})
+
+
+def test_refuses_public_host_without_keys(base_dir, tmp_path):
+    result = run_cli(base_dir[0], "--host", "0.0.0.0")
+    assert result.returncode != 0 and "without API keys" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "config.json"
+    bad.write_text('{"rate_limit_max_requests": "many"}')
+    result = run_cli(base_dir[0], "--config", str(bad))
+    assert result.returncode != 0 and "rate_limit_max_requests" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(base_dir[0], "--max-temperature", "9")
+    assert result.returncode != 0 and "max_temperature" in result.stderr
+    result = run_cli(base_dir[0], "--num-gpus", "2", "--device-type", "cpu")
+    assert result.returncode != 0 and "CUDA" in result.stderr
+
+
+def test_speculative_server_is_exact(base_dir, server):
+    body = {"messages": USER, "max_tokens": 40, "temperature": 0}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    with RunningServer(base_dir[0], "--speculative-proposals", "3", "--draft-model-tag", "ngram") as s:
+        fast = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).json()
+        metrics = httpx.get(s.url + "/metrics").text
+    assert fast["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    drafted = [ln for ln in metrics.splitlines() if ln.startswith("nanochat_speculative_drafted_tokens ")]
+    assert float(drafted[0].split()[1]) > 0
