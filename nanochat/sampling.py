@@ -75,7 +75,7 @@ def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
         # nucleus within the top-k: keep a token if the mass strictly before it is < p (the first always stays)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep &= mass_before < top_p
+        keep &= (mass_before < top_p) | (rank == 0)  # rank 0 explicitly: a tiny top_p rounds to 0 in float32
         sorted_probs = sorted_probs * keep
         sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         probs = torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)

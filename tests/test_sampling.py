@@ -40,8 +40,9 @@ def test_top_p_keeps_exactly_the_nucleus(top_p, kept):
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_top_p_always_keeps_one_token():
-    out = process_logits(torch.tensor([[2.0, 1.0, 0.0]]), 1.0, top_p=1e-9)[0]
+@pytest.mark.parametrize("top_p", [1e-9, 5e-324])  # 5e-324 (the smallest double) is 0 in float32
+def test_top_p_always_keeps_one_token(top_p):
+    out = process_logits(torch.tensor([[2.0, 1.0, 0.0]]), 1.0, top_p=top_p)[0]
     assert out.tolist() == [1.0, 0.0, 0.0]
 
 

@@ -242,11 +242,35 @@ def _component_ref(components, model):
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _openapi_docs(components):
+def _number(kind, lo, hi, positive=False):
+    bound = {"type": kind, "maximum": hi} | ({"exclusiveMinimum": 0} if positive and lo <= 0 else {"minimum": lo})
+    return {"anyOf": [bound, {"type": "null"}]}
+
+
+def _state_limits(components, config, max_batch_size):
+    """The schema carries this server's limits (config bounds, batch size), not just the wire types."""
+    sampling = dict(temperature=_number("number", config.min_temperature, config.max_temperature),
+                    top_k=_number("integer", config.min_top_k, config.max_top_k),
+                    top_p=_number("number", config.min_top_p, config.max_top_p, positive=True),
+                    max_tokens=_number("integer", 1, config.max_tokens_limit))
+    chat = components["ChatCompletionRequest"]["properties"]
+    chat.update(sampling, max_completion_tokens=sampling["max_tokens"])
+    chat["n"].update(maximum=min(chat["n"]["maximum"], max_batch_size))
+    chat["messages"]["maxItems"] = config.max_messages
+    components["BatchCompletionRequest"]["properties"].update(sampling)
+    components["BatchCompletionRequest"]["properties"]["requests"]["maxItems"] = min(
+        components["BatchCompletionRequest"]["properties"]["requests"]["maxItems"], max_batch_size)
+    content = components["ChatMessage"]["properties"]["content"]["anyOf"]
+    content[0]["maxLength"] = config.max_message_chars
+
+
+def _openapi_docs(components, config, max_batch_size):
     """requestBody / responses for routes that read the raw body (so our own validation gives the errors)."""
     error = {"description": "error", "content": {"application/json": {"schema": _component_ref(components, ErrorResponse)}}}
     errors = {str(code): error for code in (400, 401, 404, 429, 503)}
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # one parsed SSE event per item (OpenAPI 3.1 tools read `schema` as the per-event schema); data is JSON text
+    sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json"}}}}}
 
     def body(model):
         return {"requestBody": {"required": True, "content": {"application/json": {
@@ -261,6 +285,7 @@ def _openapi_docs(components):
         "content": {"application/json": {"schema": _component_ref(components, BatchCompletionResponse)}}}} | errors}
     models = {"responses": {"200": {"description": "the served model", "content": {"application/json": {
         "schema": _component_ref(components, ModelList)}}}, "401": error, "429": error}}
+    _state_limits(components, config, max_batch_size)
     return dict(chat=chat, ui=ui, batch=batch, models=models)
 
 
@@ -270,7 +295,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
     """schedulers: one started Scheduler per replica. Returns the FastAPI app."""
     state = ServerState(schedulers, tokenizer, config, model_name)
     components = {}
-    docs = _openapi_docs(components)
+    docs = _openapi_docs(components, config, schedulers[0].max_rows)
     app = FastAPI(title="nanochat", version="1.0", description="Chat with a nanochat model; OpenAI-compatible API.")
     app.state.nanochat = state
     ui_html = ui_html or files("nanochat.serving").joinpath("ui.html").read_text(encoding="utf-8")

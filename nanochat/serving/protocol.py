@@ -85,6 +85,17 @@ def _must_be(value, allowed, field):
     return value
 
 
+# The OpenAPI schema states what the validators below enforce, so generated clients and fuzzers see the
+# real contract (the models' own types are looser so that our validators can give the clearer message).
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_SEQUENCES},
+                         {"type": "null"}]}
+ZERO_ONLY = {"anyOf": [{"const": 0}, {"type": "null"}]}
+TEXT_FORMAT_ONLY = {"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+                               "additionalProperties": False}, {"type": "null"}]}
+NO_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
+
+
 def _check_stop_value(value):
     if isinstance(value, list):
         if len(value) > MAX_STOP_SEQUENCES:
@@ -108,22 +119,22 @@ class ChatCompletionRequest(_Model):
     max_completion_tokens: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     seed: StrictInt | None = None
     user: StrictStr | None = None
     # Accepted only in their no-op values (see _noop_only below).
-    frequency_penalty: StrictFloat | None = None
-    presence_penalty: StrictFloat | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: StrictStr | dict[str, Any] | None = None
+    frequency_penalty: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
+    presence_penalty: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
+    logprobs: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
+    top_logprobs: StrictInt | None = Field(None, json_schema_extra=ZERO_ONLY)
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra=TEXT_FORMAT_ONLY)
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
     parallel_tool_calls: StrictBool | None = None
-    functions: list[Any] | None = None
-    function_call: StrictStr | dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | None = None
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
+    logit_bias: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
     store: StrictBool | None = None
     metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
     service_tier: StrictStr | None = None
@@ -347,7 +358,7 @@ class BatchCompletionRequest(_Model):
     top_p: StrictFloat | None = None
     top_k: StrictInt | None = None
     max_tokens: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     seed: StrictInt | None = None
 
     @field_validator("stop", mode="before")
