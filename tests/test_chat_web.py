@@ -110,6 +110,7 @@ def test_seed_reproducibility(client):
                                               seed=seed).choices[0].message.content
     first = sample(1234)
     assert sample(1234) == first
+    assert sample(-5) == sample(-5) and sample(10**30) == sample(10**30)  # any JSON integer is a seed
     assert any(sample(s) != first for s in (1, 2, 3))
 
 

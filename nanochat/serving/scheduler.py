@@ -47,7 +47,8 @@ class Ticket:
 
     def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, loop=None):
         self.prompts, self.num_samples, self.max_tokens = prompts, num_samples, max_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.seed = None if seed is None else seed % 2**63  # any JSON integer -> a valid torch seed
         self.num_rows = len(prompts) * num_samples
         self.loop = loop or asyncio.get_running_loop()
         self.events = asyncio.Queue()
@@ -135,14 +136,17 @@ class Scheduler:
 
     def load(self):
         """Rows running or waiting: where the next request should go (fewest first)."""
-        return self.rows_in_use() + sum(t.num_rows for t in self.waiting)
+        with self._cond:  # (a re-entrant lock) the thread pops from waiting while we iterate it
+            return self.rows_in_use() + sum(t.num_rows for t in self.waiting)
 
     def queued(self, extra=None):
         """Waiting tickets that do not fit in the free capacity (first come first served), counting `extra` last."""
+        with self._cond:
+            waiting = [*self.waiting, *([extra] if extra else [])]
         free_rows = self.max_rows - self.rows_in_use()
         free_requests = self.max_running_requests - len(self.running_tickets)
         queued = 0
-        for ticket in [*self.waiting, *([extra] if extra else [])]:
+        for ticket in waiting:
             if queued == 0 and ticket.num_rows <= free_rows and free_requests > 0:
                 free_rows, free_requests = free_rows - ticket.num_rows, free_requests - 1
             else:
@@ -349,7 +353,7 @@ class Scheduler:
             row = self._all_rows()[0]
             self.rows, self.pending = [], []  # its batch slot (if any) is abandoned; it will be re-prefilled
             seed = row.ticket.seed if row.ticket.seed is not None else int(torch.randint(2**62, (1,), generator=self.generator))
-            seed += len(row.generated)  # a rejoin must not replay the random draws of the first segment
+            seed = (seed + len(row.generated)) % 2**63  # a rejoin must not replay the first segment's draws
             row.speculative = self.engine.generate(
                 row.context(), max_tokens=row.max_new - len(row.generated), temperature=row.ticket.temperature,
                 top_k=row.ticket.top_k, top_p=row.ticket.top_p, seed=seed,
