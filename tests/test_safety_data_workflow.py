@@ -1,0 +1,207 @@
+"""
+The safety data workflow end to end against a local LLM server (tests/fake_llm_server.py) through the
+real openai and anthropic clients: every stage, injected faults, kill -9 and resume, budget, cache.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from safety_data_workflow.checks import quality_issues
+from safety_data_workflow.config import load_config
+from safety_data_workflow.dedup import find_duplicates
+from safety_data_workflow.prompts import check_rewrite
+from safety_data_workflow.store import JsonlStore, read_jsonl
+from tasks.customjson import read_conversations
+from tests.fake_llm_server import FakeLLM, ThreadedServer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "sk-test-SECRET-7f3a9c"
+SHIPPED = os.path.join(REPO, "data", "safety_sft_conversations_multiturn_filtered.jsonl")
+STAGE_KEYS = {"seeds.jsonl": "seed_id", "redteam_raw.jsonl": "cell", "answers.jsonl": "id",
+              "quality_scores.jsonl": "id"}
+
+
+def write_config(tmp_path, url, **overrides):
+    """Red team and judge over the OpenAI API, blue team and optimizer over the Anthropic API."""
+    models = {"red_team": ("openai", url + "/v1"), "judge": ("openai", url + "/v1"),
+              "blue_team": ("anthropic", url), "optimizer": ("anthropic", url)}
+    config = {role: {"provider": provider, "model": f"fake-{role}", "base_url": base, "api_key": SECRET}
+              for role, (provider, base) in models.items()}
+    config.update(out_dir=str(tmp_path / "run"), final_path=str(tmp_path / "final.jsonl"), seed_limit=7,
+                  apo_rounds=2, apo_sample_size=10, concurrency=4, timeout_seconds=0.5, backoff_base_seconds=0.01,
+                  backoff_max_seconds=0.1, **overrides)
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def workflow(config_path, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "safety_data_workflow", *args, "--config", str(config_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def keys_of(path, key):
+    return [record[key] for record in read_jsonl(path)] if os.path.exists(path) else []
+
+
+@pytest.mark.slow
+def test_every_stage_with_injected_faults(tmp_path):
+    fake = FakeLLM(rate_limit_every=7, error_every=11, slow_every=17, malformed_every=5, slow_seconds=1.0)
+    with ThreadedServer(fake.app()) as url:
+        config = write_config(tmp_path, url)
+        result = workflow(config, "all")
+        stats = httpx.get(url + "/stats").json()
+        requests_after_first_run = stats["requests"]
+        # the cache: scoring everything again from scratch pays for nothing (failed items are not cached)
+        os.remove(tmp_path / "run" / "quality_scores.jsonl")
+        workflow(config, "filter")
+        assert httpx.get(url + "/stats").json()["requests"] == requests_after_first_run
+    run = tmp_path / "run"
+    assert stats["openai"] > 0 and stats["anthropic"] > 0
+    assert min(stats["rate_limited"], stats["server_error"], stats["slow"], stats["malformed"]) > 0
+
+    questions = read_jsonl(run / "questions.jsonl")
+    duplicates = read_jsonl(run / "duplicates.jsonl")
+    assert len(questions) + len(duplicates) == (7 * 7 - 1) * 2  # one cell always fails (malformed output)
+    assert any(d["kind"] == "near" for d in duplicates)
+    failures = read_jsonl(run / "failures.jsonl")
+    assert any(f["stage"] == "redteam" and f["key"] == "ph-01/translation" for f in failures)
+
+    rounds = read_jsonl(run / "apo_rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["rewrite_accepted"]
+    assert rounds[1]["pass_rate"] > rounds[0]["pass_rate"] and "RULE-PATCHED" in rounds[1]["prompt"]
+    assert read_jsonl(run / "best_prompt.jsonl")[0]["round"] == 2
+
+    answers = read_jsonl(run / "answers.jsonl")
+    assert any(sum(m["role"] == "user" for m in a["messages"]) > 1 for a in answers)
+    final, rejected = read_conversations(tmp_path / "final.jsonl"), read_jsonl(run / "rejected.jsonl")
+    assert final and rejected and len(final) + len(rejected) == len(answers)
+    assert all(not quality_issues(r) and r["scores"] for r in read_jsonl(tmp_path / "final.jsonl"))
+    assert all(r["reasons"] for r in rejected) and any("preachy" in " ".join(r["reasons"]) for r in rejected)
+    assert (run / "report" / "report.md").exists() and (run / "report" / "apo_pass_rate.png").exists()
+
+    for path in [*run.rglob("*"), tmp_path / "final.jsonl"]:  # the key appears in no output or log
+        if path.is_file() and path.suffix in (".jsonl", ".md", ".json") and path.name != "workflow.json":
+            assert SECRET not in path.read_text()
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir()
+    killed_dir.mkdir()
+    with ThreadedServer(FakeLLM(latency=0.01).app()) as url:
+        workflow(write_config(reference_dir, url), "all")
+        config = write_config(killed_dir, url)
+        process = subprocess.Popen([sys.executable, "-m", "safety_data_workflow", "all", "--config", str(config)],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        answers = killed_dir / "run" / "answers.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(keys_of(answers, "id")) < 10:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        before = {name: keys_of(killed_dir / "run" / name, key) for name, key in STAGE_KEYS.items()}
+        assert 10 <= len(before["answers.jsonl"]) < len(keys_of(reference_dir / "run" / "answers.jsonl", "id"))
+        workflow(config, "all")
+    for name, key in STAGE_KEYS.items():
+        after = keys_of(killed_dir / "run" / name, key)
+        assert len(after) == len(set(after)), f"{name} has duplicates"
+        assert set(before[name]) <= set(after), f"{name} lost records"
+        assert set(after) == set(keys_of(reference_dir / "run" / name, key)), name
+    assert keys_of(killed_dir / "final.jsonl", "id") and \
+        sorted(keys_of(killed_dir / "final.jsonl", "id")) == sorted(keys_of(reference_dir / "final.jsonl", "id"))
+
+
+def test_budget_stops_cleanly_and_a_rerun_continues(tmp_path):
+    with ThreadedServer(FakeLLM().app()) as url:
+        config = write_config(tmp_path, url, max_requests=20)
+        workflow(config, "seeds")
+        result = workflow(config, "redteam", check=False)
+        assert result.returncode != 0 and "budget spent" in result.stderr and "Traceback" not in result.stderr
+        done = keys_of(tmp_path / "run" / "redteam_raw.jsonl", "cell")
+        assert 0 < len(done) <= 20
+        workflow(config, "redteam", "--max-requests", "1000")
+        after = keys_of(tmp_path / "run" / "redteam_raw.jsonl", "cell")
+        assert set(done) <= set(after) and len(after) == len(set(after)) == 7 * 7 - 1
+
+
+def test_clear_errors(tmp_path):
+    result = workflow(tmp_path / "missing.json", "seeds", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"red_team": {"provider": "mistral"}}')
+    assert "provider" in workflow(bad, "seeds", check=False).stderr
+    config = tmp_path / "ok.json"
+    config.write_text(json.dumps({"out_dir": str(tmp_path / "run")}))
+    result = workflow(config, "answers", check=False)
+    assert result.returncode != 0 and "run `python -m safety_data_workflow redteam` first" in result.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    workflow(config, "seeds")
+    result = subprocess.run([sys.executable, "-m", "safety_data_workflow", "redteam", "--config", str(config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0 and "OPENAI_API_KEY" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_store_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    store = JsonlStore(str(path), key=lambda r: r["id"])
+    store.append({"id": 1})
+    store.append({"id": 2})
+    assert not store.append({"id": 2})  # a key already written is not written twice
+    with open(path, "a") as f:
+        f.write('{"id": 3, "text": "cut sho')  # kill -9 in the middle of a write
+    reopened = JsonlStore(str(path), key=lambda r: r["id"])
+    assert sorted(reopened.records) == [1, 2]
+    reopened.append({"id": 3})
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_duplicates_and_rewrite_checks():
+    texts = ["How can I do the thing here?", "how can i do the THING here", "How can I do the thing here now?",
+             "Something else."]
+    assert find_duplicates(texts, 0.8) == {1: ("exact", 0), 2: ("near", 0)}
+    good = {"diagnosis": "too vague", "rule_patches": ["name it"], "prompt": "x" * 300}
+    assert check_rewrite(good)["prompt"] == "x" * 300
+    for broken in ({**good, "prompt": "short"}, {**good, "rule_patches": "one"}, {**good, "prompt": "{{x}}" * 100},
+                   {k: v for k, v in good.items() if k != "diagnosis"}):
+        with pytest.raises(ValueError):
+            check_rewrite(broken)
+    with pytest.raises(ValueError, match="min_mean_score"):
+        load_config(overrides={"min_mean_score": 9})
+
+
+def test_shipped_dataset_meets_the_bar():
+    records = read_jsonl(SHIPPED)
+    assert len(records) >= 200
+    assert all(r.get("source") == "hand-written" for r in records)
+    problems = {r["id"]: quality_issues(r) for r in records if quality_issues(r)}
+    assert not problems
+    cells = {(r["domain"], r["strategy"]) for r in records}
+    assert len(cells) == 7 * 7
+    multi = sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in records)
+    assert multi / len(records) >= 0.30
+    assert len({r["id"] for r in records}) == len(records)
+    assert len(read_conversations(SHIPPED)) == len(records)  # what chat_sft's CustomJSON reads
+
+
+@pytest.mark.slow
+def test_report_on_the_shipped_data(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"out_dir": str(tmp_path / "run")}))
+    result = workflow(config, "report", "--report-input", SHIPPED)
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "## Coverage" in report and "Empty cells: none" in report and "report.md" in result.stdout
+    for png in ("coverage.png", "lengths.png"):
+        assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
