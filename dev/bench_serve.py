@@ -7,20 +7,26 @@ Serving throughput and latency of the real server (python -m scripts.chat_web) i
 
 python dev/bench_serve.py                                   a temporary tiny sft checkpoint, all levels
 python dev/bench_serve.py --base-dir ~/.cache/nanochat -g d20 --max-tokens 64    a real sft checkpoint
-python dev/bench_serve.py --levels 1,16 --requests-per-level 32 --client openai  quicker; the official SDK
+python dev/bench_serve.py --levels 1,16 --requests-per-level 64 --client openai  quicker; through the openai SDK
 
 Each client streams /v1/chat/completions (stream_options.include_usage, so tokens come from the usage chunk)
 in a loop until its share of the level's requests is done. A request fails on an exception, a non-200
 status, a missing finish_reason or a missing usage. Prints a table and ends with one JSON line.
+
+The default client parses SSE by hand over httpx: on a 2-core CPU the openai SDK's per-chunk parsing costs
+about twice the client CPU per token, which the server (about one core: its Python threads share the GIL)
+then lacks. The CPU columns (cores used by this process and by the server during a level) show which side
+is the bottleneck. On a 2-core machine, --server-cpus 0 (the server on one core, the clients on the
+other) keeps the server's threads and the clients from competing for the same core.
 """
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +52,8 @@ def make_tiny_checkpoint(base_dir):
     tokenizer = RustBPETokenizer.train_from_iterator(iter(corpus), 320)
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=1024, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    config = GPTConfig(sequence_len=1024, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
     model.init_weights()
     # Peaked logits, with the terminal tokens' pinned at 0 (zero weight rows), far below the top ones
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)
@@ -54,7 +61,7 @@ def make_tiny_checkpoint(base_dir):
         for token in (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")):
             model.lm_head.weight[token] = 0.0
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
-                    dict(model_config=model.config_dict()))
+                    {"model_config": model.config_dict()})
 
 
 def free_port():
@@ -72,12 +79,12 @@ def start_server(args, base_dir, port, log_file):
                NANOCHAT_RATE_LIMIT_MAX_REQUESTS="1000000")
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size)] + (["-g", args.model_tag] if args.model_tag else [])
-    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    pin = (lambda: os.sched_setaffinity(0, args.server_cpus)) if args.server_cpus else None  # before torch starts
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                               preexec_fn=pin)  # noqa: PLW1509 (the child only makes a syscall before exec)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"error: the server exited with {process.returncode}; see {log_file.name}")
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200:
                 return process, url
@@ -85,7 +92,8 @@ def start_server(args, base_dir, port, log_file):
             pass
         time.sleep(0.2)
     stop_server(process)
-    raise SystemExit(f"error: the server was not healthy after {args.startup_timeout}s; see {log_file.name}")
+    log_file.seek(0)
+    raise SystemExit(f"error: the server did not become healthy (exit code {process.returncode}):\n{log_file.read()[-3000:]}")
 
 
 def stop_server(process):
@@ -98,16 +106,15 @@ def stop_server(process):
 
 
 def request_body(model, prompt, max_tokens):
-    return dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.8,
-                stream=True, stream_options={"include_usage": True})
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
 
 
 async def stream_httpx(http, model, prompt, max_tokens):
-    """One streamed request with hand-parsed SSE: (completion tokens or None if it failed, seconds to first content)."""
+    """One streamed request, SSE parsed by hand: (completion tokens, or None if it failed; seconds to first content)."""
     t0, ttft, finish, usage = time.perf_counter(), None, None, None
     async with http.stream("POST", "/v1/chat/completions", json=request_body(model, prompt, max_tokens)) as response:
-        if response.status_code != 200:
-            return None, None
+        response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -121,7 +128,7 @@ async def stream_httpx(http, model, prompt, max_tokens):
 
 
 async def stream_openai(client, model, prompt, max_tokens):
-    """The same through the official SDK (non-200 statuses raise)."""
+    """The same through the official SDK."""
     t0, ttft, finish, usage = time.perf_counter(), None, None, None
     stream = await client.chat.completions.create(**request_body(model, prompt, max_tokens))
     async for chunk in stream:
@@ -141,9 +148,9 @@ async def run_level(args, url, model, concurrency, num_requests, server):
     if args.client == "openai":
         from openai import AsyncOpenAI
         sdk = AsyncOpenAI(base_url=url + "/v1", api_key="unused", http_client=http, max_retries=0)
-        one_request = lambda prompt: stream_openai(sdk, model, prompt, args.max_tokens)  # noqa: E731
+        one_request = lambda prompt: stream_openai(sdk, model, prompt, args.max_tokens)
     else:
-        one_request = lambda prompt: stream_httpx(http, model, prompt, args.max_tokens)  # noqa: E731
+        one_request = lambda prompt: stream_httpx(http, model, prompt, args.max_tokens)
     tokens, ttfts, failed, errors = 0, [], 0, {}
 
     async def client(index):
@@ -152,31 +159,36 @@ async def run_level(args, url, model, concurrency, num_requests, server):
         for _ in range(num_requests // concurrency + (index < num_requests % concurrency)):
             try:
                 count, ttft = await one_request(rng.choice(PROMPTS))
-            except Exception as e:  # noqa: BLE001 (any failure counts; the first few are reported)
+            except Exception as e:  # noqa: BLE001 (any failure counts; the progress line lists them)
                 count, ttft = None, None
-                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
+                kind = f"HTTP {status}" if status else type(e).__name__
+                errors[kind] = errors.get(kind, 0) + 1
             if count is None:
                 failed += 1
             else:
                 tokens += count
                 ttfts.append(ttft)
 
-    server_cpu = lambda: sum(server.cpu_times()[:2])  # noqa: E731 (user + system seconds, all threads)
+    server_cpu = lambda: sum(server.cpu_times()[:2])  # user + system seconds, all threads
     cpu0, server_cpu0, t0 = time.process_time(), server_cpu(), time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     seconds, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     server_cpu_seconds = server_cpu() - server_cpu0
     await http.aclose()
     ttfts = sorted(t for t in ttfts if t is not None)
-    pct = lambda q: 1000 * ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else float("nan")  # noqa: E731
-    return dict(level=concurrency, requests=num_requests, failed=failed, tokens=tokens, seconds=seconds,
-                tokens_per_second=tokens / seconds, ttft_p50_ms=pct(0.5), ttft_p95_ms=pct(0.95),
-                client_cpu=client_cpu / seconds, server_cpu=server_cpu_seconds / seconds, errors=errors)
+    pct = lambda q: 1000 * ttfts[math.ceil(q * len(ttfts)) - 1] if ttfts else float("nan")  # nearest rank
+    return {"level": concurrency, "requests": num_requests, "failed": failed, "tokens": tokens, "seconds": seconds,
+            "tokens_per_second": tokens / seconds, "ttft_p50_ms": pct(0.5), "ttft_p95_ms": pct(0.95),
+            "client_cpu": client_cpu / seconds, "server_cpu": server_cpu_seconds / seconds, "errors": errors}
 
 
 def scrape_metrics(url):
     """A few server-side figures from /metrics: statuses by count, TTFT histogram count and mean."""
-    text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
+    try:
+        text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
+    except httpx.HTTPError as e:  # e.g. the server died mid-run: the client-side figures still stand
+        return {"statuses": {}, "ttft_count": 0, "ttft_mean_ms": None, "error": f"{type(e).__name__}: {e}"}
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -189,36 +201,39 @@ def scrape_metrics(url):
             statuses[status] = statuses.get(status, 0) + int(value)
     count = samples.get("nanochat_time_to_first_token_seconds_count", 0)
     mean = 1000 * samples.get("nanochat_time_to_first_token_seconds_sum", 0) / count if count else float("nan")
-    return dict(statuses=statuses, ttft_count=int(count), ttft_mean_ms=round(mean, 1))
+    return {"statuses": statuses, "ttft_count": int(count), "ttft_mean_ms": None if math.isnan(mean) else round(mean, 1)}
 
 
 def print_table(rows, base_tps):
     print(f"\n{'clients':>7} {'requests':>8} {'failed':>6} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} "
-          f"{'vs 1':>6} {'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'client CPU':>10} {'server CPU':>10}")
+          f"{'speedup':>7} {'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'client CPU':>10} {'server CPU':>10}")
     for r in rows:
         speedup = r["tokens_per_second"] / base_tps if base_tps else float("nan")
         print(f"{r['level']:>7} {r['requests']:>8} {r['failed']:>6} {r['tokens']:>7} {r['seconds']:>8.1f} "
-              f"{r['tokens_per_second']:>9,.0f} {speedup:>5.2f}x {r['ttft_p50_ms']:>11.0f} {r['ttft_p95_ms']:>11.0f} "
+              f"{r['tokens_per_second']:>9,.0f} {speedup:>6.2f}x {r['ttft_p50_ms']:>11.0f} {r['ttft_p95_ms']:>11.0f} "
               f"{r['client_cpu']:>10.2f} {r['server_cpu']:>10.2f}")
 
 
-def summarize(args, rows, base_tps, server):
-    fmt = lambda key, digits: {str(r["level"]): round(r[key], digits) for r in rows}  # noqa: E731
+def summarize(args, rows, base_tps, server, seconds):
+    fmt = lambda key, digits: {str(r["level"]): None if math.isnan(r[key]) else round(r[key], digits) for r in rows}
     at_32 = next((r for r in rows if r["level"] == 32), None)
     speedup = {str(r["level"]): round(r["tokens_per_second"] / base_tps, 2) for r in rows} if base_tps else {}
     return {"bench": "serve", "client": args.client, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
+            "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
             "tokens_per_second": fmt("tokens_per_second", 1), "speedup": speedup, "ttft_p50_ms": fmt("ttft_p50_ms", 1),
-            "ttft_p95_ms": fmt("ttft_p95_ms", 1), "client_cpu_cores": fmt("client_cpu", 2), "server_cpu_cores": fmt("server_cpu", 2),
-            "failed": sum(r["failed"] for r in rows), "requests_at_32": at_32["requests"] if at_32 else 0,
-            "failed_at_32": at_32["failed"] if at_32 else None,
-            "speedup_16_target_met": speedup.get("16", 0) >= 6.0, "server": server}
+            "ttft_p95_ms": fmt("ttft_p95_ms", 1), "failed": sum(r["failed"] for r in rows),
+            "requests_at_32": at_32["requests"] if at_32 else 0, "failed_at_32": at_32["failed"] if at_32 else None,
+            "speedup_16_target_met": speedup.get("16", 0) >= 6.0, "client_cpu_cores": fmt("client_cpu", 2),
+            "server_cpu_cores": fmt("server_cpu", 2), "server": server, "seconds_total": round(seconds, 1)}
 
 
 async def benchmark(args, url, pid):
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         for prompt in PROMPTS[:3]:  # warm-up: first forwards, allocator, connection setup
-            await stream_httpx(http, model, prompt, args.max_tokens)
+            response = await http.post("/v1/chat/completions", json=request_body(model, prompt, args.max_tokens))
+            if response.status_code != 200:
+                raise SystemExit(f"error: a warm-up request failed: HTTP {response.status_code} {response.text[:500]}")
     rows = []
     for level in args.levels:
         num_requests = args.requests_at_32 if level == 32 else max(args.requests_per_level, level)
@@ -235,15 +250,17 @@ def main():
     p.add_argument("--base-dir", default=None, help="NANOCHAT_BASE_DIR with sft checkpoints (default: a temporary tiny one)")
     p.add_argument("-g", "--model-tag", default=None, help="sft model tag (default: the largest)")
     p.add_argument("--levels", default="1,4,16,32", help="comma-separated client counts")
-    p.add_argument("--requests-per-level", type=int, default=96, help="requests at each level except 32")
+    p.add_argument("--requests-per-level", type=int, default=256, help="requests at each level except 32")
     p.add_argument("--requests-at-32", type=int, default=512, help="requests at concurrency 32 (the failure check)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--client", default="httpx", choices=["httpx", "openai"], help="hand-parsed SSE or the openai SDK")
+    p.add_argument("--server-cpus", default=None, help="pin the server to these CPU ids, e.g. 0 (default: not pinned)")
     p.add_argument("--request-timeout", type=float, default=120)
     p.add_argument("--startup-timeout", type=float, default=180)
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.server_cpus = {int(x) for x in args.server_cpus.split(",")} if args.server_cpus else None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         base_dir = os.path.expanduser(args.base_dir) if args.base_dir else tmp
@@ -261,13 +278,13 @@ def main():
             problems = [line for line in log_file if "Traceback" in line or "ERROR" in line or "failed" in line]
     server["log_problem_lines"] = len(problems)
     base_tps = next((r["tokens_per_second"] for r in rows if r["level"] == 1), None)
-    print(f"\nmodel {model}, max_tokens {args.max_tokens}, client {args.client}, "
-          f"server statuses {server['statuses']}, server TTFT count {server['ttft_count']} "
-          f"(mean {server['ttft_mean_ms']} ms), total {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    print(f"\nmodel {model}, max_tokens {args.max_tokens}, client {args.client}, server statuses {server['statuses']}, "
+          f"server TTFT count {server['ttft_count']} (mean {server['ttft_mean_ms']} ms), total {seconds:.0f} s")
     for line in problems[:5]:
         print("server log:", line.rstrip())
     print_table(rows, base_tps)
-    print(json.dumps(summarize(args, rows, base_tps, server)))
+    print(json.dumps(summarize(args, rows, base_tps, server, seconds)))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ class KVCache:
 
     def copy_row(self, src, dst):
         """Row dst becomes a copy of row src (a server packing its running rows, or sharing a prefilled prompt)."""
+        n = int(self.lengths[src])  # only the valid positions: the rest of a row is never read
         for t in self.tensors.values():
-            t[:, dst] = t[:, src]
+            t[:, dst, :n] = t[:, src, :n]
         self.lengths[dst] = self.lengths[src]
 
     def reorder(self, row_indices, seq_len=None):

@@ -225,3 +225,24 @@ def test_per_row_sampling_parameters(tokenizer):
         engine.generate_batch(prompts, max_tokens=4, temperature=[0.5])
     with pytest.raises(ValueError, match="top_p"):
         engine.generate_batch(prompts, max_tokens=4, top_p=[0.5, 0.0])
+
+
+def test_kv_cache_view_writes_through_and_copy_row(tokenizer):
+    """A view over some rows is the same storage: a forward on it fills those rows of the big cache."""
+    model = tiny_model(tokenizer.get_vocab_size())
+    prompt = tokenizer.encode("the quick brown", prepend="<|bos|>")
+    cache = KVCache.for_model(model, 4, 64)
+    view = cache.view(2, 3)
+    with torch.no_grad():
+        via_view = model(torch.tensor([prompt]), kv_cache=view)[0, -1]
+    assert cache.lengths.tolist() == [0, 0, len(prompt), 0]
+    cache.copy_row(2, 0)
+    assert cache.lengths.tolist() == [len(prompt), 0, len(prompt), 0]
+    for t in cache.tensors.values():
+        assert torch.equal(t[:, 0, :len(prompt)], t[:, 2, :len(prompt)]) and t[:, 2, :len(prompt)].abs().sum() > 0
+    alone = KVCache.for_model(model, 1, 64)
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt]), kv_cache=alone)[0, -1]
+        next_from_copy = model(torch.tensor([[5]]), kv_cache=cache.view(0, 1))[0, -1]
+        next_alone = model(torch.tensor([[5]]), kv_cache=alone)[0, -1]
+    assert torch.allclose(via_view, reference, atol=1e-5) and torch.allclose(next_from_copy, next_alone, atol=1e-5)

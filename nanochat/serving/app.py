@@ -162,26 +162,39 @@ def _stop_list(stop):
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
+async def _next_events(ticket, request):
+    """Every event list waiting in the ticket's queue (at least one), or None if the client went away."""
+    if request is None:  # streaming: Starlette notices a disconnect itself and closes our generator
+        events = await ticket.events.get()
+    else:
+        while True:
+            try:
+                events = await asyncio.wait_for(ticket.events.get(), DISCONNECT_POLL_SECONDS)
+                break
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+    while not ticket.events.empty():  # under load the loop falls behind: take all steps at once
+        events += ticket.events.get_nowait()
+    return events
+
+
 async def _text_events(ticket, tokenizer, stop, request=None):
     """
-    Yields (row, text piece, finish_reason or None) for every row of the ticket until all are finished;
-    returns the TextStreams (token counts) through the .streams attribute of the ticket. With a request
-    given (non-streaming), a client that disconnects while waiting cancels the ticket.
+    Yields lists of (row, text piece, finish_reason or None) until every row of the ticket has finished;
+    the TextStreams (token counts) stay on ticket.streams. One list covers every step that arrived since the
+    last, so a busy server writes one network chunk per client per wake-up rather than one per token. With
+    a request given (non-streaming), a client that disconnects while waiting ends the generation.
     """
     streams = ticket.streams = [TextStream(tokenizer, stop) for _ in range(ticket.num_rows)]
     open_rows = ticket.num_rows
     while open_rows:
-        if request is None:
-            events = await ticket.events.get()
-        else:
-            try:
-                events = await asyncio.wait_for(ticket.events.get(), DISCONNECT_POLL_SECONDS)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+        events = await _next_events(ticket, request)
+        if events is None:
+            return
         if ticket.first_event_at is None:
             ticket.first_event_at = time.monotonic()
+        updates = []
         for kind, row, value in events:
             if kind == "error":
                 raise GenerationFailed(value)
@@ -193,13 +206,15 @@ async def _text_events(ticket, tokenizer, stop, request=None):
                 if stopped:  # the scheduler drops the row before its next step
                     ticket.stop_row(row)
                     open_rows -= 1
-                    yield row, piece, "stop"
+                    updates.append((row, piece, "stop"))
                 elif piece:
-                    yield row, piece, None
+                    updates.append((row, piece, None))
             else:
                 stream.stopped = True
                 open_rows -= 1
-                yield row, stream.finish(), value
+                updates.append((row, stream.finish(), value))
+        if updates:
+            yield updates
 
 
 def _usage(prompt_tokens, completion_tokens):
@@ -394,10 +409,10 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
     async def _openai_response(ticket, req, meta, request):
         texts, finishes, status = [""] * ticket.num_rows, ["stop"] * ticket.num_rows, 200
         try:
-            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop), request):
-                texts[row] += piece
-                if finish:
-                    finishes[row] = finish
+            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop), request):
+                for row, piece, finish in updates:
+                    texts[row] += piece
+                    finishes[row] = finish or finishes[row]
         except GenerationFailed as e:
             status = 503
             raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
@@ -425,12 +440,17 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
             for i in range(ticket.num_rows):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                               "logprobs": None}])
-            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop)):
-                if piece:
-                    yield chunk([{"index": row, "delta": {"content": piece}, "finish_reason": None, "logprobs": None}])
-                if finish:
-                    finishes.add(finish)
-                    yield chunk([{"index": row, "delta": {}, "finish_reason": finish, "logprobs": None}])
+            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop)):
+                out = []
+                for row, piece, finish in updates:
+                    if piece:
+                        out.append(chunk([{"index": row, "delta": {"content": piece}, "finish_reason": None,
+                                           "logprobs": None}]))
+                    if finish:
+                        finishes.add(finish)
+                        out.append(chunk([{"index": row, "delta": {}, "finish_reason": finish, "logprobs": None}]))
+                if out:
+                    yield "".join(out)  # several SSE events in one write
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)))
             yield _sse("[DONE]")
@@ -443,10 +463,11 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
     async def _ui_stream(ticket, req, meta):
         status, finish_reason = 200, None
         try:
-            async for _, piece, finish in _text_events(ticket, tokenizer, _stop_list(req.stop)):
-                if piece:
-                    yield _sse(json.dumps({"token": piece}))
-                finish_reason = finish or finish_reason
+            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop)):
+                text = "".join(_sse(json.dumps({"token": piece})) for _, piece, _ in updates if piece)
+                if text:
+                    yield text
+                finish_reason = next((f for _, _, f in updates if f), finish_reason)
             usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
             yield _sse(json.dumps({"done": True, "finish_reason": finish_reason, "usage": usage}))
         except GenerationFailed as e:
@@ -490,10 +511,10 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
                     prompt_tokens=sum(map(len, prompts)))
         texts, finishes, status = [""] * len(prompts), ["stop"] * len(prompts), 200
         try:
-            async for row, piece, finish in _text_events(ticket, tokenizer, _stop_list(batch.stop), request):
-                texts[row] += piece
-                if finish:
-                    finishes[row] = finish
+            async for updates in _text_events(ticket, tokenizer, _stop_list(batch.stop), request):
+                for row, piece, finish in updates:
+                    texts[row] += piece
+                    finishes[row] = finish or finishes[row]
         except GenerationFailed as e:
             status = 503
             raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
