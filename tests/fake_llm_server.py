@@ -67,14 +67,16 @@ def _judge(user):
     return json.dumps({"scores": scores, "notes": "fine" if good else "too short and generic"})
 
 
-def _optimizer(user):
+def _optimizer(user, broken=False):
+    if broken:  # valid JSON, but a "prompt" far too short to be a real rewrite
+        return json.dumps({"diagnosis": "x", "rule_patches": ["y"], "prompt": "Be nice."})
     report = json.loads(user)
     prompt = report["current_prompt"] + f"\n{PATCH_MARKER} always name what you decline and offer a safe alternative."
     return json.dumps({"diagnosis": "answers were too short", "rule_patches": ["name the declined thing"],
                        "prompt": prompt})
 
 
-def reply_for(system, messages):
+def reply_for(system, messages, broken_optimizer=False):
     user = messages[0]["content"]  # the task; later messages are the workflow's "answer again" retries
     if "realistic USER messages" in system:
         return _red_team(user)
@@ -83,7 +85,7 @@ def reply_for(system, messages):
     if "You evaluate an AI assistant" in system:
         return _judge(user)
     if "You improve the system prompt" in system:
-        return _optimizer(user)
+        return _optimizer(user, broken_optimizer)
     return _blue_team(system, messages)
 
 
@@ -91,7 +93,8 @@ class FakeLLM:
     """Fault schedule: request n (1-based) gets a fault if n % period == 0, checked in this order."""
 
     def __init__(self, rate_limit_every=0, error_every=0, slow_every=0, malformed_every=0, slow_seconds=1.5,
-                 latency=0.0):
+                 latency=0.0, broken_optimizer=False):
+        self.broken_optimizer = broken_optimizer
         self.rate_limit_every, self.error_every, self.slow_every = rate_limit_every, error_every, slow_every
         self.malformed_every, self.slow_seconds, self.latency = malformed_every, slow_seconds, latency
         self.requests = 0
@@ -123,7 +126,7 @@ class FakeLLM:
                 return None, JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
             if kind == "slow":
                 await asyncio.sleep(self.slow_seconds)
-            text = reply_for(system, messages)
+            text = reply_for(system, messages, self.broken_optimizer)
             if kind == "malformed" and text.startswith("{"):
                 text = text[: len(text) // 2]
             return text, None

@@ -147,6 +147,16 @@ def test_budget_stops_cleanly_and_a_rerun_continues(tmp_path):
         assert set(done) <= set(after) and len(after) == len(set(after)) == 7 * 7 - 1
 
 
+def test_malformed_rewrite_never_replaces_the_prompt(tmp_path):
+    with ThreadedServer(FakeLLM(broken_optimizer=True).app()) as url:
+        config = write_config(tmp_path, url, seed_limit=2)
+        for stage in ("seeds", "redteam", "optimize"):
+            assert run_main(config, stage) is None
+    rounds = read_jsonl(tmp_path / "run" / "apo_rounds.jsonl")
+    assert not rounds[0]["rewrite_accepted"] and "malformed" in rounds[0]["diagnosis"]
+    assert rounds[1]["prompt"] == rounds[0]["prompt"]  # the working prompt stayed
+
+
 def test_clear_errors(tmp_path, monkeypatch):
     assert "missing.json" in run_main(tmp_path / "missing.json", "seeds")
     bad = tmp_path / "bad.json"
