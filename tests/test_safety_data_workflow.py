@@ -60,7 +60,7 @@ def keys_of(path, key):
 def test_every_stage_with_injected_faults(tmp_path):
     fake = FakeLLM(rate_limit_every=7, error_every=11, slow_every=17, malformed_every=5, slow_seconds=1.0)
     with ThreadedServer(fake.app()) as url:
-        config = write_config(tmp_path, url)
+        config = write_config(tmp_path, url, malformed_retries=4)  # random faults rarely exhaust 5 attempts
         result = workflow(config, "all")
         stats = httpx.get(url + "/stats").json()
     run = tmp_path / "run"
@@ -69,10 +69,11 @@ def test_every_stage_with_injected_faults(tmp_path):
 
     questions = read_jsonl(run / "questions.jsonl")
     duplicates = read_jsonl(run / "duplicates.jsonl")
-    assert len(questions) + len(duplicates) == (7 * 7 - 1) * 2  # one cell always fails (malformed output)
-    assert any(d["kind"] == "near" for d in duplicates)
     failures = read_jsonl(run / "failures.jsonl")
-    assert any(f["stage"] == "redteam" and f["key"] == "ph-01/translation" for f in failures)
+    failed_cells = {f["key"] for f in failures if f["stage"] == "redteam"}
+    assert "ph-01/translation" in failed_cells  # always malformed; others only if random faults exhaust retries
+    assert len(questions) + len(duplicates) == (7 * 7 - len(failed_cells)) * 2
+    assert any(d["kind"] == "near" for d in duplicates)
 
     rounds = read_jsonl(run / "apo_rounds.jsonl")
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["rewrite_accepted"]
@@ -82,7 +83,8 @@ def test_every_stage_with_injected_faults(tmp_path):
     answers = read_jsonl(run / "answers.jsonl")
     assert any(sum(m["role"] == "user" for m in a["messages"]) > 1 for a in answers)
     final, rejected = read_conversations(tmp_path / "final.jsonl"), read_jsonl(run / "rejected.jsonl")
-    assert final and rejected and len(final) + len(rejected) == len(answers)
+    not_scored = {f["key"] for f in failures if f["stage"] == "filter"}  # random faults can exhaust retries
+    assert final and rejected and len(final) + len(rejected) + len(not_scored) == len(answers)
     assert all(not quality_issues(r) and r["scores"] for r in read_jsonl(tmp_path / "final.jsonl"))
     assert all(r["reasons"] for r in rejected) and any("preachy" in " ".join(r["reasons"]) for r in rejected)
     assert (run / "report" / "report.md").exists() and (run / "report" / "apo_pass_rate.png").exists()
