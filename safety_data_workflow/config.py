@@ -21,7 +21,7 @@ class ModelConfig:
     base_url: str | None = None  # any OpenAI-compatible server (e.g. nanochat's scripts.chat_web), or a proxy
     api_key_env: str = "OPENAI_API_KEY"
     api_key: str | None = field(default=None, repr=False)
-    temperature: float = 0.7
+    temperature: float | None = 0.7  # None: send none (for models that reject the parameter)
     max_tokens: int = 1024
 
     def resolve_api_key(self):
@@ -115,6 +115,10 @@ def validate(config):
             raise ValueError(f"config.{name}.provider must be one of {PROVIDERS}, got {model.provider!r}")
         if not model.model:
             raise ValueError(f"config.{name}.model must be set")
+        if model.temperature is not None and not 0 <= model.temperature <= 2:
+            raise ValueError(f"config.{name}.temperature must be in [0, 2] or null, got {model.temperature}")
+        if model.max_tokens < 1:
+            raise ValueError(f"config.{name}.max_tokens must be positive")
     positive = ("questions_per_cell", "apo_rounds", "apo_sample_size", "concurrency", "timeout_seconds",
                 "max_requests", "max_total_tokens", "backoff_max_seconds")
     for name in positive:

@@ -96,13 +96,16 @@ class ModelClient:
     async def _call_once(self, system, messages, temperature):
         """One API request -> (text, tokens used)."""
         if self.spec.provider == "openai":
+            sampling = {} if temperature is None else {"temperature": temperature}
             response = await self.client.chat.completions.create(
                 model=self.spec.model, messages=[{"role": "system", "content": system}, *messages],
-                temperature=temperature, max_tokens=self.spec.max_tokens)
+                max_tokens=self.spec.max_tokens, **sampling)
             usage = response.usage
             return response.choices[0].message.content or "", (usage.total_tokens if usage else 0)
         # Newer anthropic SDKs dropped the temperature argument; models that take it still accept it in the body.
-        sampling = {"temperature": temperature} if ANTHROPIC_TAKES_TEMPERATURE else {"extra_body": {"temperature": temperature}}
+        # temperature None (config: null) sends none, for models that reject it.
+        sampling = ({} if temperature is None else {"temperature": temperature} if ANTHROPIC_TAKES_TEMPERATURE
+                    else {"extra_body": {"temperature": temperature}})
         response = await self.client.messages.create(model=self.spec.model, system=system, messages=messages,
                                                      max_tokens=self.spec.max_tokens, **sampling)
         text = "".join(block.text for block in response.content if getattr(block, "type", None) == "text")

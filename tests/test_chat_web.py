@@ -309,6 +309,24 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert after - before < 1000  # the reply was cut short, not run to max_tokens
 
 
+def test_disconnect_before_the_first_chunk_frees_the_slot(server):
+    """The client sends its request and hangs up without reading: the sequence must not run to max_tokens."""
+    import socket
+    before = generated_tokens(server)
+    body = json.dumps({"messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if httpx.get(server.url + "/health").json()["running"] == 0 and generated_tokens(server) > before:
+            break
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+    assert generated_tokens(server) - before < 1000
+
+
 def test_32_concurrent_streams_all_complete(server):
     async def one(client, i):
         text, finish = "", None

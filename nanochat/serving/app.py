@@ -247,6 +247,25 @@ def _sse(payload):
     return f"data: {payload}\n\n"
 
 
+class TicketStreamingResponse(StreamingResponse):
+    """
+    Cancels its ticket however the response ends, at once. Otherwise an interrupted stream relies on the
+    body generator's `finally`, which runs only when the suspended generator is garbage-collected, and
+    never for a generator that had not started.
+    """
+
+    def __init__(self, content, ticket):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.cancel()
+            self.ticket.scheduler.wake()
+
+
 # ---------------------------------------------------------------------------------------------- OpenAPI
 
 def _component_ref(components, model):
@@ -399,11 +418,9 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         meta = dict(route=route, caller=caller, request_id=request_id, arrived=arrived, prompt_tokens=len(prompt))
         if not openai_format:
-            return StreamingResponse(_ui_stream(ticket, req, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return TicketStreamingResponse(_ui_stream(ticket, req, meta), ticket)
         if req.stream:
-            return StreamingResponse(_openai_stream(ticket, req, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return TicketStreamingResponse(_openai_stream(ticket, req, meta), ticket)
         return await _openai_response(ticket, req, meta, request)
 
     async def _openai_response(ticket, req, meta, request):
