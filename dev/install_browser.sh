@@ -8,7 +8,8 @@ SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo -n"; fi
 if command -v apt-get >/dev/null 2>&1; then
     echo "installing chromium for the browser test (apt-get)..."
-    ($SUDO apt-get install -y -q chromium || ($SUDO apt-get update -q && $SUDO apt-get install -y -q chromium)) \
+    (timeout 240 $SUDO apt-get install -y -q chromium \
+        || (timeout 120 $SUDO apt-get update -q && timeout 240 $SUDO apt-get install -y -q chromium)) \
         >/tmp/nanochat_chromium_install.log 2>&1 \
         || echo "could not install chromium (see /tmp/nanochat_chromium_install.log): the browser test will skip"
 else

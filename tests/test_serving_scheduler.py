@@ -206,3 +206,21 @@ def test_speculative_lone_request_and_rejoin_stay_exact(model, tokenizer):
     assert tokens_a[0] == greedy_reference(model, tokenizer, a, 60)
     assert tokens_b[0] == greedy_reference(model, tokenizer, b, 20)
     assert scheduler.speculative_counts()[0] > 0
+
+
+def test_speculative_with_a_draft_model_is_exact(model, tokenizer):
+    torch.manual_seed(1)
+    draft = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                          n_embd=32))
+    draft.init_weights()
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, draft=draft.eval(), speculative_proposals=4)
+    p = prompts(1, seed=11)[0]
+
+    async def main():
+        ticket = Ticket([p], 1, 30, 0.0, None, None)
+        scheduler.submit(ticket)
+        return await collect(ticket)
+
+    tokens, _ = run(scheduler, main())
+    assert tokens[0] == greedy_reference(model, tokenizer, p, 30)
+    assert scheduler.speculative_counts()[0] > 0
