@@ -106,6 +106,9 @@ class Scheduler:
         # A long prompt burst is prefilled over several steps so running streams are not stalled for long.
         self.max_prefill_tokens = max_prefill_tokens or max(4 * self.context_len, 4096)
         self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
+        cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache.tensors.values())
+        logger.info(f"{name}: KV cache {max_batch_size} rows x {self.context_len} tokens = {cache_bytes / 2**30:.2f} GiB "
+                    f"on {self.device} (lower --max-batch-size to use less)")
         self.rows = []  # running rows; rows[j] lives in kv_cache slot j
         self.pending = []  # admitted rows waiting for their prefill
         self.solo = None  # the row being decoded speculatively, if any
