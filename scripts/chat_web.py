@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--num-gpus", type=int, default=None, help="replicas, one per GPU (default: 1 GPU if any, else CPU)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=512,
+                   help="longer prompts are prefilled this many tokens per step, between decode steps of the others")
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
@@ -55,6 +57,8 @@ def parse_args(argv=None):
         p.error("--port must be in 1..65535")
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be >= 1")
+    if args.prefill_chunk_tokens < 1:
+        p.error("--prefill-chunk-tokens must be >= 1")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         p.error("--cpu-threads must be >= 1")
     if args.num_gpus is not None and args.num_gpus < 1:
@@ -113,7 +117,8 @@ def build_schedulers(args, config, devices):
         per_replica_queue = max(0, config.max_queued_requests // len(devices))
         scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size,
                               max_running_requests=per_replica_requests, max_queued_requests=per_replica_queue,
-                              draft=draft, speculative_proposals=args.speculative_proposals, name=f"replica-{i}")
+                              draft=draft, speculative_proposals=args.speculative_proposals,
+                              prefill_chunk_tokens=args.prefill_chunk_tokens, name=f"replica-{i}")
         scheduler.start()
         schedulers.append(scheduler)
     return schedulers, tokenizer

@@ -122,9 +122,10 @@ def test_samples_share_the_prefill_and_seed_reproduces(model, tokenizer):
     assert len({tuple(t) for t in first}) > 1  # the three samples are not copies of one another
 
 
-def test_greedy_samples_are_identical(model, tokenizer):
-    p = prompts(1, seed=6)[0]
-    scheduler = Scheduler(model, tokenizer, max_batch_size=4)
+@pytest.mark.parametrize("prefill_chunk_tokens", [512, 4])  # 4: the samples share a chunked (staged) prefill
+def test_greedy_samples_are_identical(model, tokenizer, prefill_chunk_tokens):
+    p = prompts(3, seed=6)[-1]  # 15 tokens
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk_tokens=prefill_chunk_tokens)
 
     async def main():
         ticket = Ticket([p], 3, 12, 0.0, None, None)
@@ -224,3 +225,31 @@ def test_speculative_with_a_draft_model_is_exact(model, tokenizer):
     tokens, _ = run(scheduler, main())
     assert tokens[0] == greedy_reference(model, tokenizer, p, 30)
     assert scheduler.speculative_counts()[0] > 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tokenizer):
+    """A long prompt is read a chunk per step while a running stream keeps decoding; outputs stay exact."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk_tokens=8)
+    short, long_prompt = prompts(1, seed=12)[0], prompts(20, seed=13)[-1]  # 5 and 100 tokens
+    order = []  # (ticket name, events) in the order the scheduler thread delivers them
+
+    def recording(ticket, name):
+        send = ticket.send
+        ticket.send = lambda events: (order.append((name, events)), send(events))
+        return ticket
+
+    async def main():
+        first = recording(Ticket([short], 1, 100, 0.0, None, None), "short")
+        scheduler.submit(first)
+        seen = await asyncio.wait_for(first.events.get(), 30)  # running now
+        second = recording(Ticket([long_prompt], 1, 10, 0.0, None, None), "long")
+        submitted_at = len(order)
+        scheduler.submit(second)
+        return await collect(first, seen), await collect(second), submitted_at
+
+    (short_tokens, _), (long_tokens, _), submitted_at = run(scheduler, main())
+    assert short_tokens[0] == greedy_reference(model, tokenizer, short, 100)
+    assert long_tokens[0] == greedy_reference(model, tokenizer, long_prompt, 10)
+    first_long = next(i for i, (name, _) in enumerate(order) if name == "long")
+    short_steps_meanwhile = sum(name == "short" for name, _ in order[submitted_at:first_long])
+    assert short_steps_meanwhile >= len(long_prompt) // 8 - 1  # about one decode step per prefill chunk

@@ -94,7 +94,8 @@ class Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size=32, max_running_requests=None, max_queued_requests=128,
-                 draft=None, speculative_proposals=0, max_prefill_tokens=None, name="replica-0"):
+                 draft=None, speculative_proposals=0, max_prefill_tokens=None, prefill_chunk_tokens=512,
+                 name="replica-0"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.engine = Engine(model, tokenizer, draft=draft)
         self.device = model.get_device()
@@ -105,6 +106,7 @@ class Scheduler:
         self.speculative_proposals = speculative_proposals if draft is not None else 0
         # A long prompt burst is prefilled over several steps so running streams are not stalled for long.
         self.max_prefill_tokens = max_prefill_tokens or max(4 * self.context_len, 4096)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
         cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache.tensors.values())
         logger.info(f"{name}: KV cache {max_batch_size} rows x {self.context_len} tokens = {cache_bytes / 2**30:.2f} GiB "
@@ -112,6 +114,7 @@ class Scheduler:
         self.rows = []  # running rows; rows[j] lives in kv_cache slot j
         self.pending = []  # admitted rows waiting for their prefill
         self.solo = None  # the row being decoded speculatively, if any
+        self.staging = None  # a long context being prefilled chunk by chunk: {"rows", "slot", "done"}
         self.waiting = deque()  # submitted tickets not yet admitted
         self.running_tickets = set()
         self.outbox = defaultdict(list)  # ticket -> events of this step
@@ -135,7 +138,8 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     def rows_in_use(self):
-        return len(self.rows) + len(self.pending) + (self.solo is not None)
+        staged = len(self.staging["rows"]) if self.staging else 0
+        return len(self.rows) + len(self.pending) + staged + (self.solo is not None)
 
     def load(self):
         """Rows running or waiting: where the next request should go (fewest first)."""
@@ -185,7 +189,7 @@ class Scheduler:
     def _run(self):
         while True:
             with self._cond:
-                while not self._stopping and not (self.rows or self.pending or self.solo or self.waiting):
+                while not self._stopping and not (self.rows or self.pending or self.staging or self.solo or self.waiting):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -207,13 +211,14 @@ class Scheduler:
             self._end_speculation(self.solo)
             self.pending.append(self.solo)
             self.solo = None
-        if self.pending:
+        if self.pending or self.staging:
             self._prefill()
         if self.rows:
             self._decode()
 
     def _all_rows(self):
-        return self.rows + self.pending + ([self.solo] if self.solo is not None else [])
+        staged = self.staging["rows"] if self.staging else []
+        return self.rows + self.pending + staged + ([self.solo] if self.solo is not None else [])
 
     def _admit(self):
         """Waiting tickets -> pending rows, first come first served, while slots and request slots last."""
@@ -237,7 +242,11 @@ class Scheduler:
                     self.pending.append(row)
 
     def _prefill(self):
-        """Prefill pending rows into the slots after the running ones; a prompt's samples share one prefill."""
+        """
+        Prefill pending rows into the slots after the running ones; a prompt's samples share one prefill.
+        A context longer than prefill_chunk_tokens is staged instead: prefilled one chunk per step in the
+        last slot, so running streams keep getting a token every step while a long prompt is read.
+        """
         groups = defaultdict(list)  # fresh samples of one prompt share a prefill; a rejoining row has its own
         for row in self.pending:
             key = (id(row.ticket), row.index // row.ticket.num_samples) if not row.generated else id(row)
@@ -245,11 +254,32 @@ class Scheduler:
         chosen, longest = [], 0
         for group in groups.values():
             length = len(group[0].context())
+            if length > self.prefill_chunk_tokens:
+                if self.staging is None:
+                    self.staging = {"rows": group, "slot": self.max_rows - 1, "done": 0}
+                    self._take_pending(group)
+                continue
             if chosen and (len(chosen) + 1) * max(longest, length) > self.max_prefill_tokens:
                 break
             chosen.append(group)
             longest = max(longest, length)
+        if self.staging is not None:
+            self._advance_staging()
+        if chosen:
+            self._prefill_batch(chosen, longest)
 
+    def _take_pending(self, rows):
+        taken = {id(r) for r in rows}
+        self.pending = [r for r in self.pending if id(r) not in taken]
+
+    def _join(self, group, source_slot):
+        """A prefilled group's rows take the next running slots, copies of source_slot."""
+        for row in group:
+            if source_slot != len(self.rows):
+                self.kv_cache.copy_row(source_slot, len(self.rows))
+            self.rows.append(row)
+
+    def _prefill_batch(self, chosen, longest):
         contexts = [group[0].context() for group in chosen]
         lengths = [len(c) for c in contexts]
         start = len(self.rows)
@@ -261,20 +291,32 @@ class Scheduler:
         logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (groups, V)
         view.set_lengths(lengths)  # right padding sits past each row's length: never attended, overwritten later
         self.counters["prefill_tokens"] += sum(lengths)
-
-        new_rows, logit_rows = [], []
+        # leaders first (they are in their slots already), then the extra samples copy their leader's slot
         self.rows.extend(group[0] for group in chosen)
-        new_rows += [group[0] for group in chosen]
-        logit_rows += list(range(len(chosen)))
         for g, group in enumerate(chosen):
-            for extra in group[1:]:
-                self.kv_cache.copy_row(start + g, len(self.rows))
-                self.rows.append(extra)
-                new_rows.append(extra)
-                logit_rows.append(g)
-        taken = {id(r) for r in new_rows}
-        self.pending = [r for r in self.pending if id(r) not in taken]
+            self._join(group[1:], start + g)
+        new_rows = [group[0] for group in chosen] + [row for group in chosen for row in group[1:]]
+        logit_rows = list(range(len(chosen))) + [g for g, group in enumerate(chosen) for _ in group[1:]]
+        self._take_pending(new_rows)
         self._sample_and_emit(new_rows, logits[logit_rows])
+
+    def _advance_staging(self):
+        """One chunk of the staged context; when it is all in, the group joins the running rows."""
+        staging = self.staging
+        context = staging["rows"][0].context()
+        view = self.kv_cache.view(staging["slot"], staging["slot"] + 1)
+        if staging["done"] == 0:
+            view.reset()
+        chunk = context[staging["done"]:staging["done"] + self.prefill_chunk_tokens]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=view, logits_at=torch.tensor([len(chunk) - 1], device=self.device))[:, 0]
+        staging["done"] += len(chunk)
+        self.counters["prefill_tokens"] += len(chunk)
+        if staging["done"] < len(context):
+            return
+        self.staging = None
+        self._join(staging["rows"], staging["slot"])
+        self._sample_and_emit(staging["rows"], logits.expand(len(staging["rows"]), -1))
 
     def _decode(self):
         ids = torch.tensor([[row.generated[-1]] for row in self.rows], dtype=torch.long, device=self.device)
@@ -328,6 +370,10 @@ class Scheduler:
             self.rows[hole] = self.rows[src]
         del self.rows[keep:]
         self.pending = [r for r in self.pending if id(r) not in doomed_ids]
+        if self.staging is not None:
+            self.staging["rows"] = [r for r in self.staging["rows"] if id(r) not in doomed_ids]
+            if not self.staging["rows"]:
+                self.staging = None
         if self.solo is not None and id(self.solo) in doomed_ids:
             self._end_speculation(self.solo)
             self.solo = None
@@ -354,7 +400,7 @@ class Scheduler:
     def _speculative_step(self):
         if self.solo is None:
             row = self._all_rows()[0]
-            self.rows, self.pending = [], []  # its batch slot (if any) is abandoned; it will be re-prefilled
+            self.rows, self.pending, self.staging = [], [], None  # its slot is abandoned; it is re-prefilled
             seed = row.ticket.seed if row.ticket.seed is not None else int(torch.randint(2**62, (1,), generator=self.generator))
             seed = (seed + len(row.generated)) % 2**63  # a rejoin must not replay the first segment's draws
             row.speculative = self.engine.generate(
