@@ -7,7 +7,9 @@ kv_cache[0:n] with each row's latest token, (n, 1). Between steps:
 - rows that finished, used up their token budget, or whose client went away leave at once; the last
   running row is copied into the freed slot (one row copy) to keep the rows packed;
 - waiting requests join: their prompts are prefilled together into the next free slots, and a request's
-  extra samples (n > 1) copy its prefilled slot instead of recomputing it.
+  extra samples (n > 1) copy its prefilled slot instead of recomputing it. A prompt longer than
+  prefill_chunk_tokens is staged in the last slot and read one chunk per step, so it never stalls the
+  running streams for more than one chunk's forward.
 Each row samples with its own request's temperature / top-k / top-p, and its request's seeded generator.
 With speculative decoding on, a sequence running alone is decoded speculatively (its own caches); when
 another request arrives it rejoins the batch by prefilling its prompt plus what it has generated so far.
