@@ -423,10 +423,11 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
             return TicketStreamingResponse(_openai_stream(ticket, req, meta), ticket)
         return await _openai_response(ticket, req, meta, request)
 
-    async def _openai_response(ticket, req, meta, request):
+    async def _complete(ticket, stop, meta, request):
+        """Non-streaming: every row's whole text and finish reason (a 503 if generation failed)."""
         texts, finishes, status = [""] * ticket.num_rows, ["stop"] * ticket.num_rows, 200
         try:
-            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop), request):
+            async for updates in _text_events(ticket, tokenizer, _stop_list(stop), request):
                 for row, piece, finish in updates:
                     texts[row] += piece
                     finishes[row] = finish or finishes[row]
@@ -436,6 +437,10 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
                            headers={"Retry-After": "1"}) from None
         finally:
             _finish(ticket, meta, status, ",".join(sorted(set(finishes))))
+        return texts, finishes
+
+    async def _openai_response(ticket, req, meta, request):
+        texts, finishes = await _complete(ticket, req.stop, meta, request)
         usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
         return {"id": meta["request_id"], "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "usage": usage,
@@ -526,18 +531,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
         request_id = f"batch-{uuid.uuid4().hex[:24]}"
         meta = dict(route="/v1/batch/completions", caller=caller, request_id=request_id, arrived=arrived,
                     prompt_tokens=sum(map(len, prompts)))
-        texts, finishes, status = [""] * len(prompts), ["stop"] * len(prompts), 200
-        try:
-            async for updates in _text_events(ticket, tokenizer, _stop_list(batch.stop), request):
-                for row, piece, finish in updates:
-                    texts[row] += piece
-                    finishes[row] = finish or finishes[row]
-        except GenerationFailed as e:
-            status = 503
-            raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
-                           headers={"Retry-After": "1"}) from None
-        finally:
-            _finish(ticket, meta, status, ",".join(sorted(set(finishes))))
+        texts, finishes = await _complete(ticket, batch.stop, meta, request)
         results = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                     "usage": _usage(len(prompt), stream.num_tokens)}
                    for i, (text, finish, prompt, stream) in enumerate(zip(texts, finishes, prompts, ticket.streams))]
