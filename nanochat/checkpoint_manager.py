@@ -145,18 +145,29 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, meta
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
-    """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta)."""
-    from nanochat.tokenizer import get_tokenizer
+def find_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint_dir, model_tag, step) of a source's checkpoint: the largest tag and newest step by default."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
-    device = torch.device(device)
     checkpoints_dir = os.path.join(get_base_dir(), SOURCES[source])
     model_tag = model_tag or find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     step = find_last_step(checkpoint_dir) if step is None else step
+    return checkpoint_dir, model_tag, step
+
+
+def find_meta(source, model_tag=None, step=None):
+    """A checkpoint's metadata (model_config, ...) without loading its weights."""
+    checkpoint_dir, _, step = find_checkpoint(source, model_tag, step)
+    return load_meta(checkpoint_dir, step)
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta)."""
+    from nanochat.tokenizer import get_tokenizer
+    checkpoint_dir, model_tag, step = find_checkpoint(source, model_tag, step)
     logger.info(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
-    model, meta = build_model(checkpoint_dir, step, device, phase)
+    model, meta = build_model(checkpoint_dir, step, torch.device(device), phase)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise CheckpointError(f"tokenizer vocab ({tokenizer.get_vocab_size()}) does not match the model's "

@@ -91,26 +91,71 @@ def compute_init(device_type=None, seed=42):
     return is_ddp, rank, local_rank, world_size, device
 
 
+def broadcast_parameters(model):
+    """Every rank takes rank 0's parameters and buffers (after a fresh init or a resume; a no-op alone)."""
+    if dist.is_available() and dist.is_initialized():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+_said_dtype = set()
+
+
 def autocast_dtype(device_type):
     """
-    Dtype policy: bf16 autocast on GPUs that support it (fp32 master weights), fp32 everywhere else.
-    On CPU bf16 autocast was measured slower than fp32 for our small models (dev/bench_train.py), so
-    CPU stays fp32 unless the user asks otherwise.
+    Dtype policy: bf16 autocast (fp32 master weights) on GPUs with native bf16 tensor cores, i.e. compute
+    capability >= 8.0 (A100, H100, L40S, RTX 30xx/40xx); fp32 everywhere else. Older GPUs (V100, T4) report
+    torch.cuda.is_bf16_supported() through emulation, which is slow and has no fused attention kernel:
+    at 2048 tokens the fallback attention would run out of memory, so they train and serve in fp32.
+    On CPU bf16 autocast was measured slower than fp32 for our small models (dev/bench_train.py).
     """
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    dtype = torch.float32
+    if device_type == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
+        dtype = torch.bfloat16
+    if device_type not in _said_dtype:
+        _said_dtype.add(device_type)
+        if device_type == "cuda" and dtype == torch.float32:
+            major, minor = torch.cuda.get_device_capability()
+            print0(f"note: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no native bf16: "
+                   f"computing in fp32 (slower, but no emulated bf16 or unfused attention)")
+    return dtype
 
 
 def autocast_context(device_type):
     """torch.autocast with the dtype policy above (a no-op context in fp32); reusable across `with` blocks."""
     dtype = autocast_dtype(device_type)
     return torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
+
+
+def resolve_compile_mode(mode, device_type):
+    """--compile-mode auto: torch.compile ("default") on CUDA, none elsewhere."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "default" if device_type == "cuda" else "none"
+    return mode
+
+
+def compile_model(model, mode):
+    """
+    The model itself for mode "none", else torch.compile with fixed shapes (every batch has the same shape).
+    NANOCHAT_COMPILE_BACKEND picks another backend than inductor: the tests use "eager", which has the same
+    guards, hence the same recompilations, without minutes of C++ compilation on a CPU.
+    """
+    if mode == "none":
+        return model
+    backend = os.environ.get("NANOCHAT_COMPILE_BACKEND", "inductor")
+    if backend != "inductor":  # modes are inductor's
+        return torch.compile(model, backend=backend, dynamic=False)
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def synchronize(device_type):
@@ -120,16 +165,22 @@ def synchronize(device_type):
         torch.mps.synchronize()
 
 
+# Dense (no sparsity) tensor-core peak FLOP/s in the dtype the policy computes in, by a substring of
+# torch.cuda.get_device_name(), most specific first ("h100 nvl" before "h100", "l40s" before "l40").
+PEAK_BF16_FLOPS = (("gb200", 2.5e15), ("b200", 2.25e15), ("h200", 989e12), ("gh200", 989e12),
+                   ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h800", 989e12),
+                   ("a100", 312e12), ("a800", 312e12), ("l40s", 362e12), ("l40", 181e12), ("l4", 121e12),
+                   ("a6000", 155e12), ("4090", 165e12), ("a10g", 70e12), ("a10", 125e12), ("3090", 71e12))
+PEAK_FP32_FLOPS = (("v100", 15.7e12), ("t4", 8.1e12))
+
+
 def peak_flops_per_second(device_type):
-    """Peak dense bf16 FLOP/s of one device, for an MFU estimate; None when unknown (CPU, mps)."""
+    """Peak dense FLOP/s of one device in the compute dtype, for an MFU estimate; None when unknown (CPU, mps)."""
     if device_type != "cuda":
         return None
     name = torch.cuda.get_device_name().lower()
-    for key, flops in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
-                       ("4090", 165e12), ("a10", 125e12), ("3090", 71e12), ("v100", 125e12)):
-        if key in name:
-            return flops
-    return None
+    table = PEAK_BF16_FLOPS if autocast_dtype("cuda") == torch.bfloat16 else PEAK_FP32_FLOPS
+    return next((flops for key, flops in table if key in name), None)
 
 
 class DummyWandb:

@@ -383,11 +383,14 @@ def make_val_loader(tokenizer, B, T, world_size, rank, device, **kw):
 
 class ConversationLoader:
     """
-    packed=False (SFT): one conversation per row, right-padded to the longest in the batch (at most
-    max_len tokens); targets are -1 wherever the render mask is 0 (user turns, tool output) and on padding.
+    Batches of exactly (B, max_len): the same shape every step, so a compiled model (dynamic=False) is
+    compiled once, and the memory a step needs is known in advance (nanochat.memory).
+    packed=False (SFT): one conversation per row (at most max_len + 1 tokens); targets are -1 wherever
+    the render mask is 0 (user turns, tool output) and on the padding after the conversation.
     packed=True (midtraining): conversations are rendered and packed back to back into rows of at most
     max_len + 1 tokens, every row starting at a conversation's <|bos|>; a conversation that does not fit
     opens the next row (longer ones are cropped); all real tokens are trained on, padding is not.
+    Padding sits after a row's real tokens, so causal attention never lets it change their loss.
     """
 
     def __init__(self, dataset, tokenizer, B, max_len, rank=0, world_size=1, device="cpu", packed=False, seed=0,
@@ -424,15 +427,16 @@ class ConversationLoader:
 
     def __next__(self):
         rows = self._packed_rows() if self.packed else self._padded_rows()
-        longest = max(len(ids) for ids, _ in rows)
-        inputs = torch.full((self.B, longest - 1), self.pad, dtype=torch.long)   # (B, T)
-        targets = torch.full((self.B, longest - 1), -1, dtype=torch.long)        # (B, T), -1 = no loss
+        inputs = torch.full((self.B, self.max_len), self.pad, dtype=torch.long)   # (B, T)
+        targets = torch.full((self.B, self.max_len), -1, dtype=torch.long)        # (B, T), -1 = no loss
         for b, (ids, mask) in enumerate(rows):
             n = len(ids) - 1
             inputs[b, :n] = torch.tensor(ids[:-1])
             target = torch.tensor(ids[1:])
             target[torch.tensor(mask[1:]) == 0] = -1
             targets[b, :n] = target
+        if self.device.type == "cuda":  # pinned host memory: the copy overlaps with compute
+            return inputs.pin_memory().to(self.device, non_blocking=True), targets.pin_memory().to(self.device, non_blocking=True)
         return inputs.to(self.device), targets.to(self.device)
 
     def _padded_rows(self):

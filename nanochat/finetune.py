@@ -5,13 +5,20 @@ checkpoint, and resume exactly from a checkpoint of this stage.
 """
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import DummyWandb, autocast_context, compute_cleanup, get_base_dir, print0, synchronize
+from nanochat.checkpoint_manager import (SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint,
+                                         find_meta)
+from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
+                             broadcast_parameters, compile_model, compute_cleanup, get_base_dir, get_dist_info, print0,
+                             resolve_compile_mode, synchronize)
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.memory import log_peak_memory, planned_dtype, training_plan
+from nanochat.tokenizer import get_tokenizer
 from nanochat.dataloader import ConversationLoader
 from nanochat.optim import apply_schedule, setup_optimizers
 from nanochat.report import get_report
@@ -40,6 +47,13 @@ def add_finetune_flags(p, source, dest, lr_frac, max_seq_len, device_batch_size,
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--resume-from-step", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
+    p.add_argument("--dry-run", action="store_true", help="print parameters, tokens, FLOPs, accumulation and the "
+                   "estimated peak memory per GPU, end with a JSON line, and exit (loads no weights and no data)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: processes to plan for (default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="--dry-run with no checkpoint yet: plan for a base model of this depth (as base_train builds it)")
 
 
 def check_finetune_flags(p, args):
@@ -50,22 +64,72 @@ def check_finetune_flags(p, args):
         p.error("--num-epochs and --num-iterations must be positive, --init-lr-frac in (0, 10]")
     if not 0 <= args.warmdown_ratio <= 1:
         p.error("--warmdown-ratio must be in [0, 1]")
+    if (args.world_size is not None and args.world_size < 1) or (args.depth is not None and args.depth < 1):
+        p.error("--world-size and --depth must be >= 1")
 
 
 @torch.no_grad()
 def conversation_loss(model, loader, num_batches):
     """Mean loss (nats) per trained token over num_batches of held-out conversations."""
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=loader.device)  # (nats, trained tokens)
     for _ in range(num_batches):
         x, y = next(loader)
-        losses = model(x, y, loss_reduction="none")
-        total += float(losses.sum())
-        count += int((y >= 0).sum())
+        sums[0] += model(x, y, loss_reduction="sum").double()
+        sums[1] += (y >= 0).sum()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([total, count], dtype=torch.float64, device=x.device)
-        torch.distributed.all_reduce(t)
-        total, count = float(t[0]), int(t[1])
+        torch.distributed.all_reduce(sums)
+    total, count = sums.tolist()  # the one host sync of the evaluation
     return total / max(count, 1)
+
+
+def accumulation_steps(args, world_size):
+    rows_per_micro_step = args.device_batch_size * world_size
+    if args.examples_per_step % rows_per_micro_step != 0:
+        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size x "
+                         f"world_size = {rows_per_micro_step}")
+    return args.examples_per_step // rows_per_micro_step
+
+
+def describe_plan(args, model, world_size, grad_accum_steps, num_iterations, dtype, compiled):
+    """Print what the run will need (tokens count every position of the fixed-shape rows); returns the plan dict."""
+    print0(f"model: {model.config}")
+    print0(f"batch: {args.examples_per_step} rows/step = {args.device_batch_size} rows x {world_size} processes x "
+           f"{grad_accum_steps} accumulation steps, rows of {args.max_seq_len} tokens")
+    return training_plan(model, args.device_batch_size, args.max_seq_len, world_size, grad_accum_steps,
+                         args.examples_per_step * args.max_seq_len, num_iterations, dtype, compiled)
+
+
+def dry_run(args):
+    """--dry-run: the plan from the source checkpoint's config (or --depth), without loading weights or data."""
+    device_type = args.device_type or autodetect_device_type()
+    world_size = args.world_size or get_dist_info()[3]
+    try:
+        config = GPTConfig(**find_meta(args.source, args.model_tag, args.model_step)["model_config"])
+    except CheckpointError as e:
+        if args.depth is None:
+            print0(f"error: {e}\n(to plan before the earlier stage has run, give --depth)")
+            return 1
+        try:
+            vocab_size = get_tokenizer().get_vocab_size()
+        except FileNotFoundError:
+            vocab_size = 65536
+        print0(f"no {args.source} checkpoint yet: planning for depth {args.depth}, vocabulary {vocab_size:,}")
+        config = config_from_depth(args.depth, args.max_seq_len, vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    args.max_seq_len = min(args.max_seq_len, config.sequence_len)
+    try:
+        grad_accum_steps = accumulation_steps(args, world_size)
+    except ValueError as e:
+        print0(f"error: {e}")
+        return 1
+    if args.num_iterations < 0:
+        print0("tokens and FLOPs depend on the data mixture: give --num-iterations to plan them")
+    compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
+    plan = describe_plan(args, model, world_size, grad_accum_steps, args.num_iterations if args.num_iterations > 0 else None,
+                         planned_dtype(device_type), compiled)
+    print0(json.dumps(plan))
+    return 0
 
 
 def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
@@ -74,22 +138,19 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     try:
         model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                                    step=args.model_step)
-    except (CheckpointError, FileNotFoundError) as e:
+        grad_accum_steps = accumulation_steps(args, world_size)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print0(f"error: {e}")
         compute_cleanup()
         return 1
     args.max_seq_len = min(args.max_seq_len, model.config.sequence_len)
-    rows_per_micro_step = args.device_batch_size * world_size
-    if args.examples_per_step % rows_per_micro_step != 0:
-        print0(f"error: --examples-per-step {args.examples_per_step} must be a multiple of device_batch_size x "
-               f"world_size = {rows_per_micro_step}")
-        compute_cleanup()
-        return 1
-    grad_accum_steps = args.examples_per_step // rows_per_micro_step
     rows_per_epoch = len(train_set) if not packed else estimate_packed_rows(train_set, tokenizer, args.max_seq_len)
     num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, round(args.num_epochs * rows_per_epoch / args.examples_per_step))
     model_tag = args.model_tag or source_meta.get("model_tag") or f"d{model.config.n_layer}"
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES[args.dest], model_tag)
+    compile_mode = resolve_compile_mode(args.compile_mode, device.type)
+    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, autocast_dtype(device.type),
+                         compile_mode != "none")
 
     lr = dict(unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
               matrix_lr=args.matrix_lr * args.init_lr_frac)
@@ -104,12 +165,14 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
             return 1
         start_step, loader_state = meta["step"], meta["dataloader_state"][rank]
         print0(f"resumed from step {start_step} of {checkpoint_dir}")
+    broadcast_parameters(model)  # every rank starts from rank 0's weights
+    train_model = compile_model(model, compile_mode)
 
     loader = ConversationLoader(train_set, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size,
                                 device, packed=packed, seed=args.seed, resume_state=loader_state)
     autocast = autocast_context(device.type)
     print0(f"{section}: {args.source} {model_tag} -> {args.dest}, {num_iterations} steps x {args.examples_per_step} rows "
-           f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of <= {args.max_seq_len} tokens")
+           f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of {args.max_seq_len} tokens")
     print0(f"data: {data_summary}")
 
     wandb_run = DummyWandb()
@@ -119,12 +182,13 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     val_loss, t_start = None, time.time()
     for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
-        if last_step or (step % args.eval_every == 0 and step > start_step):
+        # evaluating at the first step also compiles the eval graph up front: no recompilation later
+        if last_step or step % args.eval_every == 0 or step == start_step:
             model.eval()
             val_loader = ConversationLoader(val_set, tokenizer, args.device_batch_size, args.max_seq_len, rank,
                                             world_size, device, packed=packed, seed=12345)
             with autocast:
-                val_loss = conversation_loss(model, val_loader, args.eval_batches)
+                val_loss = conversation_loss(train_model, val_loader, args.eval_batches)
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
             wandb_run.log({"step": step, "val/loss": val_loss})
             model.train()
@@ -141,21 +205,23 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
 
         synchronize(device.type)
         t0 = time.time()
-        train_loss, tokens = torch.zeros((), device=device), 0
+        sums = torch.zeros(2, device=device)  # (sum of micro-batch losses, trained tokens): no host sync per micro-step
         for _ in range(grad_accum_steps):
             x, y = next(loader)
             with autocast:
-                loss = model(x, y)
-            train_loss += loss.detach()
-            tokens += int((y >= 0).sum())
+                loss = train_model(x, y)
+            sums[0] += loss.detach()
+            sums[1] += (y >= 0).sum()
             (loss / grad_accum_steps).backward()
         lrm = apply_schedule(optimizers, step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        train_loss = float(train_loss) / grad_accum_steps
-        synchronize(device.type)
+        loss_sum, tokens = sums.tolist()
+        train_loss = loss_sum / grad_accum_steps
         dt = time.time() - t0
+        if step == start_step:
+            log_peak_memory(device, plan["peak_memory_gb_per_gpu"] * 1e9)
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"trained tok/s {tokens * world_size / dt:,.0f} | eta {eta / 60:.1f} min")

@@ -19,18 +19,20 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
-from nanochat.common import (DummyWandb, autocast_context, compute_cleanup, compute_init, get_base_dir, peak_flops_per_second,
-                             print0, synchronize)
+from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
+                             broadcast_parameters, compile_model, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+                             peak_flops_per_second, print0, resolve_compile_mode, synchronize)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
 from nanochat.engine import complete_greedy
 from nanochat.gpt import ATTENTION_VARIANTS, GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import log_peak_memory, planned_dtype, shards_needed, training_plan
 from nanochat.optim import apply_schedule, setup_optimizers
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
+DEFAULT_VOCAB_SIZE = 65536  # what speedrun.sh trains the tokenizer to; --dry-run plans with it before there is one
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "My favorite color is"]
 
@@ -74,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-threads", type=int, default=4)
     p.add_argument("--tokenizer-batch-size", type=int, default=128)
     p.add_argument("--loss-log", default=None, help="append JSON lines: a run header, {step, loss, ...} per step, {step, val_bpb} per eval")
+    p.add_argument("--dry-run", action="store_true", help="print parameters, tokens, FLOPs, accumulation, shards and "
+                   "the estimated peak memory per GPU, end with a JSON line, and exit (needs no GPU, data or tokenizer)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: processes to plan for (default: torchrun's WORLD_SIZE, else 1)")
     args = p.parse_args(argv)
     positive = ["depth", "max_seq_len", "head_dim", "device_batch_size", "total_batch_size", "eval_every",
                 "sample_every", "tokenizer_threads", "tokenizer_batch_size"]
@@ -87,6 +93,8 @@ def parse_args(argv=None):
         p.error("--warmup-ratio + --warmdown-ratio must be <= 1")
     if args.num_iterations == 0 or args.save_every == 0:
         p.error("--num-iterations and --save-every must be positive (or -1)")
+    if args.world_size is not None and args.world_size < 1:
+        p.error("--world-size must be >= 1")
     return args
 
 
@@ -106,8 +114,60 @@ def format_duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def accumulation_steps(args, world_size):
+    tokens_per_row_step = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_row_step != 0:
+        raise ValueError(f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * "
+                         f"max_seq_len * world_size = {tokens_per_row_step}")
+    return args.total_batch_size // tokens_per_row_step
+
+
+def describe_run(args, model, world_size, grad_accum_steps, dtype, compiled):
+    """Print what this run will do; returns (num_iterations, the plan dict of nanochat.memory.training_plan)."""
+    num_iterations, horizon_source = resolve_num_iterations(args, model, args.total_batch_size)
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    tokens = num_iterations * args.total_batch_size
+    print0(f"model: {model.config}")
+    print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | KV cache: "
+           f"{model.kv_cache_bytes_per_token()} bytes/token (bf16)")
+    print0(f"batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} tokens "
+           f"x {world_size} processes x {grad_accum_steps} accumulation steps")
+    print0(f"horizon: {num_iterations:,} steps ({horizon_source}) = {tokens:,} tokens, {tokens / num_params:.1f} tokens/param, "
+           f"{flops_per_token * tokens:.3e} FLOPs, ~{shards_needed(tokens)} FineWeb-Edu shards")
+    plan = training_plan(model, args.device_batch_size, args.max_seq_len, world_size, grad_accum_steps,
+                         args.total_batch_size, num_iterations, dtype, compiled)
+    return num_iterations, dict(plan, shards=shards_needed(tokens))
+
+
+def dry_run(args):
+    """--dry-run: the plan for the given flags, on any machine (the model is built on the meta device)."""
+    device_type = args.device_type or autodetect_device_type()
+    world_size = args.world_size or get_dist_info()[3]
+    try:
+        vocab_size = get_tokenizer().get_vocab_size()
+    except FileNotFoundError:
+        vocab_size = DEFAULT_VOCAB_SIZE
+        print0(f"no tokenizer yet: planning with a vocabulary of {vocab_size:,}")
+    config = config_from_depth(args.depth, args.max_seq_len, vocab_size, args.attention, args.head_dim,
+                               args.n_kv_head, args.kv_lora_rank)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.enable_gradient_checkpointing(args.gradient_checkpointing)
+    try:
+        grad_accum_steps = accumulation_steps(args, world_size)
+    except ValueError as e:
+        print0(f"error: {e}")
+        return 1
+    compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
+    _, plan = describe_run(args, model, world_size, grad_accum_steps, planned_dtype(device_type), compiled)
+    print0(json.dumps(plan))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     device_type = device.type
     master = rank == 0
@@ -128,30 +188,21 @@ def main(argv=None):
                                args.n_kv_head, args.kv_lora_rank)
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(args.gradient_checkpointing)
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["base"], model_tag)
-
-    tokens_per_row_step = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size % tokens_per_row_step != 0:
-        print0(f"error: --total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * "
-               f"max_seq_len * world_size = {tokens_per_row_step}")
+    try:
+        grad_accum_steps = accumulation_steps(args, world_size)
+    except ValueError as e:
+        print0(f"error: {e}")
         compute_cleanup()
         return 1
-    grad_accum_steps = args.total_batch_size // tokens_per_row_step
-    num_iterations, horizon_source = resolve_num_iterations(args, model, args.total_batch_size)
+    compile_mode = resolve_compile_mode(args.compile_mode, device_type)
+    num_iterations, plan = describe_run(args, model, world_size, grad_accum_steps, autocast_dtype(device_type),
+                                        compile_mode != "none")
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    print0(f"model: {config}")
-    print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | KV cache: "
-           f"{model.kv_cache_bytes_per_token()} bytes/token (bf16)")
-    print0(f"batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} tokens "
-           f"x {world_size} processes x {grad_accum_steps} accumulation steps")
-    print0(f"horizon: {num_iterations:,} steps ({horizon_source}) = {num_iterations * args.total_batch_size:,} tokens, "
-           f"{num_iterations * args.total_batch_size / num_params:.1f} tokens/param, "
-           f"{flops_per_token * num_iterations * args.total_batch_size:.3e} FLOPs")
+    model.to_empty(device=device)
+    model.init_weights()
 
     optimizers = setup_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr,
                                   args.weight_decay, rank, world_size)
@@ -170,10 +221,8 @@ def main(argv=None):
         loader_state = meta["dataloader_state"][rank] if meta.get("dataloader_state") else None
         print0(f"resumed from step {start_step} of {checkpoint_dir}")
 
-    compile_mode = args.compile_mode
-    if compile_mode == "auto":
-        compile_mode = "default" if device_type == "cuda" else "none"
-    train_model = model if compile_mode == "none" else torch.compile(model, mode=compile_mode, dynamic=False)
+    broadcast_parameters(model)  # every rank starts from rank 0's weights, whatever its device's RNG did
+    train_model = compile_model(model, compile_mode)
 
     loader_kwargs = dict(tokenizer_threads=args.tokenizer_threads, tokenizer_batch_size=args.tokenizer_batch_size)
     train_loader = make_train_loader(tokenizer, args.device_batch_size, args.max_seq_len, world_size, rank,
@@ -210,7 +259,9 @@ def main(argv=None):
             min_val_bpb = min(min_val_bpb, val_bpb)
             curves["val_steps"].append(step)
             curves["val_bpb"].append(val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            epoch = train_loader.stats()["epoch"]
+            repeat = f" | data epoch {epoch}: documents are repeating, download more shards ({plan['shards']} planned)" if epoch else ""
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{repeat}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if loss_log:
                 loss_log.write(json.dumps({"step": step, "val_bpb": val_bpb}) + "\n")
@@ -259,6 +310,8 @@ def main(argv=None):
         synchronize(device_type)
         dt = time.time() - t0
 
+        if step == start_step:  # the first step has seen every kind of allocation (eval, compile, optimizer state)
+            log_peak_memory(device, plan["peak_memory_gb_per_gpu"] * 1e9)
         if step - start_step > 1:  # the first steps include compilation / warm-up: keep them out of the timing
             total_training_time += dt
             steps_timed += 1

@@ -14,7 +14,7 @@ import os
 import sys
 
 from nanochat.common import compute_init, print0
-from nanochat.finetune import add_finetune_flags, check_finetune_flags, finetune, load_available
+from nanochat.finetune import add_finetune_flags, check_finetune_flags, dry_run, finetune, load_available
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 PROJECT_CONVERSATIONS = ["identity_conversations.jsonl", "safety_sft_conversations_multiturn_filtered.jsonl"]
@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--custom-json", action="append", default=[], help="extra JSONL of conversations (repeatable)")
     args = p.parse_args(argv)
     check_finetune_flags(p, args)
+    if args.dry_run:
+        return dry_run(args)
     for f in args.custom_json:
         if not os.path.exists(f):
             p.error(f"--custom-json file not found: {f}")

@@ -13,7 +13,7 @@ import os
 import sys
 
 from nanochat.common import compute_init, print0
-from nanochat.finetune import add_finetune_flags, check_finetune_flags, finetune, load_available
+from nanochat.finetune import add_finetune_flags, check_finetune_flags, dry_run, finetune, load_available
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -48,6 +48,8 @@ def main(argv=None):
     add_finetune_flags(p, source="base", dest="mid", lr_frac=1.0, max_seq_len=2048, device_batch_size=32, examples_per_step=256)
     args = p.parse_args(argv)
     check_finetune_flags(p, args)
+    if args.dry_run:
+        return dry_run(args)
     ddp_info = compute_init(args.device_type, seed=args.seed)
     print0("midtraining data:")
     train_set, val_set, summary = build_mixture()

@@ -62,20 +62,31 @@ def env(isolated_base_dir, tmp_path):
 
 
 def run(args, env, expect=0):
-    result = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=600)  # one stream: log lines stay in order with the prints
+    output = result.stdout
     assert result.returncode == expect, f"{args} exited {result.returncode}:\n{output[-4000:]}"
     return output
+
+
+def assert_no_recompilation_after_first_step(out):
+    """TORCH_LOGS=recompiles output: compiling the eval and the train graph happens before step 1 is logged."""
+    after = out[out.index("step 00001/"):]
+    assert "Recompiling" not in after, after[:3000]
 
 
 def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
     small = ["--max-seq-len", "128", "--device-batch-size", "2", "--examples-per-step", "4", "--num-iterations", "3",
              "--eval-every", "2", "--eval-batches", "1"]
-    out = run(["scripts.mid_train", *small], env)
-    assert "GSM8K train 12" in out and "val loss" in out
+    # compiled (with the eager backend: dynamo's guards and recompilations, without C++ compile minutes)
+    compiled = dict(env, TORCH_LOGS="recompiles", NANOCHAT_COMPILE_BACKEND="eager")
+    out = run(["scripts.mid_train", *small, "--compile-mode", "default"], compiled)
+    assert "GSM8K train 12" in out and "val loss" in out and "estimated peak memory" in out
+    assert_no_recompilation_after_first_step(out)
     assert os.path.exists(isolated_base_dir / "mid_checkpoints" / "d2" / "model_000003.pt")
-    out = run(["scripts.chat_sft", *small], env)
+    out = run(["scripts.chat_sft", *small, "--compile-mode", "default"], compiled)
     assert "identity_conversations.jsonl" in out and "skipping ARC-Easy train" in out  # says what it used
+    assert_no_recompilation_after_first_step(out)
     assert os.path.exists(isolated_base_dir / "chatsft_checkpoints" / "d2" / "meta_000003.json")
 
     # resume continues from the saved step

@@ -66,3 +66,31 @@ def test_ranks_take_disjoint_examples(tokenizer):
         x, _ = next(loader)
         seen.append({tokenizer.decode(row.tolist()).split("question ")[1].split()[0] for row in x})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_batch_has_the_same_shape(tokenizer, packed):
+    loader = ConversationLoader(conversations(30), tokenizer, B=3, max_len=40, packed=packed)
+    for _ in range(12):
+        x, y = next(loader)
+        assert x.shape == y.shape == (3, 40)  # a compiled model (dynamic=False) never sees a new shape
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fixed_shape_loss_equals_the_loss_without_trailing_padding(tokenizer, packed):
+    """Padding to max_len changes nothing: it sits after every real token and carries no targets. The
+    loader used to pad only to the longest row of the batch, which is the cropped batch here."""
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=32))
+    model.init_weights()
+    loader = ConversationLoader(conversations(30), tokenizer, B=4, max_len=128, packed=packed)
+    cropped_any = False
+    for _ in range(4):
+        x, y = next(loader)
+        longest = int((y >= 0).nonzero()[:, 1].max()) + 1  # past the last trained position: padding only
+        cropped_any |= longest < 128
+        fixed, cropped = model(x, y), model(x[:, :longest], y[:, :longest])
+        torch.testing.assert_close(fixed, cropped, rtol=1e-6, atol=1e-6)
+    assert cropped_any
