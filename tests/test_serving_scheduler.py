@@ -253,3 +253,29 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tokenize
     first_long = next(i for i, (name, _) in enumerate(order) if name == "long")
     short_steps_meanwhile = sum(name == "short" for name, _ in order[submitted_at:first_long])
     assert short_steps_meanwhile >= len(long_prompt) // 8 - 1  # about one decode step per prefill chunk
+
+
+class DeviceOnlyGenerator:
+    """Stands in for a CUDA generator on this CPU machine: host code that samples with it fails, as on a GPU."""
+
+    device = torch.device("cuda")
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the device generator was used from host code ({name})")
+
+
+def test_speculative_unseeded_request_never_samples_with_the_device_generator(model, tokenizer):
+    """On CUDA, torch.randint(..., generator=<cuda generator>) without device= raises: every lone unseeded
+    request failed. Drawing its seed must not touch the replica's (device) generator at all."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, draft="ngram", speculative_proposals=3)
+    scheduler.generator = DeviceOnlyGenerator()
+    p = [1] + [40, 41, 42, 43] * 6  # repeats: the n-gram drafter has something to propose
+
+    async def main():
+        ticket = Ticket([p], 1, 12, 0.8, None, None)  # sampled, no seed
+        scheduler.submit(ticket)
+        return await collect(ticket)
+
+    tokens, finish = run(scheduler, main())
+    assert len(tokens[0]) == 12 and finish == ["length"]
+    assert scheduler.speculative_counts()[0] > 0

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from collections import defaultdict, deque
@@ -403,7 +404,8 @@ class Scheduler:
         if self.solo is None:
             row = self._all_rows()[0]
             self.rows, self.pending, self.staging = [], [], None  # its slot is abandoned; it is re-prefilled
-            seed = row.ticket.seed if row.ticket.seed is not None else int(torch.randint(2**62, (1,), generator=self.generator))
+            # an unseeded request gets a seed from the host: the replica's generator lives on its device
+            seed = row.ticket.seed if row.ticket.seed is not None else secrets.randbits(62)
             seed = (seed + len(row.generated)) % 2**63  # a rejoin must not replay the first segment's draws
             row.speculative = self.engine.generate(
                 row.context(), max_tokens=row.max_new - len(row.generated), temperature=row.ticket.temperature,

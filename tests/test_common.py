@@ -1,0 +1,48 @@
+"""nanochat.common: the dtype policy on GPUs with and without native bf16, the MFU peak table, compile modes."""
+
+import pytest
+import torch
+
+from nanochat import common
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend torch sees a CUDA GPU of a given name and compute capability."""
+    def install(name, capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on V100/T4: emulation
+        monkeypatch.setattr(common, "_said_dtype", set())
+    return install
+
+
+def test_bf16_needs_compute_capability_8(fake_gpu, capsys):
+    fake_gpu("NVIDIA H100 80GB HBM3", (9, 0))
+    assert common.autocast_dtype("cuda") == torch.bfloat16
+    assert capsys.readouterr().out == ""
+    fake_gpu("Tesla V100-SXM2-32GB", (7, 0))
+    assert common.autocast_dtype("cuda") == torch.float32
+    assert common.autocast_dtype("cuda") == torch.float32
+    out = capsys.readouterr().out
+    assert out.count("no native bf16") == 1 and "7.0" in out  # said once, not every call
+    assert common.autocast_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize("name, capability, flops", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), 989e12), ("NVIDIA H100 PCIe", (9, 0), 756e12),
+    ("NVIDIA H100 NVL", (9, 0), 835e12), ("NVIDIA L40S", (8, 9), 362e12), ("NVIDIA L40", (8, 9), 181e12),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 312e12), ("NVIDIA A10G", (8, 6), 70e12), ("NVIDIA A10", (8, 6), 125e12),
+    ("Tesla V100-SXM2-32GB", (7, 0), 15.7e12), ("Tesla T4", (7, 5), 8.1e12), ("Some Future GPU", (10, 0), None)])
+def test_peak_flops_by_exact_model_and_compute_dtype(fake_gpu, name, capability, flops):
+    fake_gpu(name, capability)
+    assert common.peak_flops_per_second("cuda") == flops
+    assert common.peak_flops_per_second("cpu") is None
+
+
+def test_compile_mode_auto_is_on_for_cuda_only():
+    assert common.resolve_compile_mode("auto", "cuda") == "default"
+    assert common.resolve_compile_mode("auto", "cpu") == "none"
+    assert common.resolve_compile_mode("max-autotune", "cpu") == "max-autotune"
+    with pytest.raises(ValueError):
+        common.resolve_compile_mode("fast", "cuda")
