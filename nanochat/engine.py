@@ -36,8 +36,15 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len, dtype=None):
+        """
+        A cache in the dtype attention computes in (unless given): autocast's when autocast is on for the
+        model's device (bf16 K/V: half the memory of fp32 weights, and SDPA reads it without a cast copy
+        of the whole history per layer per step), else the weights'.
+        """
         device = model.get_device()
-        dtype = dtype or next(model.parameters()).dtype
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
         return cls(batch_size, seq_len, model.config.n_layer, model.kv_cache_layout(), device, dtype)
 
     def positions(self, T):

@@ -88,6 +88,26 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def attention(q, k, v, attn_mask=None, scale=None):
+    """
+    Scaled dot-product attention, q (B, H, T, D) over k, v (B, H_kv, S, D|Dv) with H a multiple of H_kv.
+    Without a mask it is causal (T == S). With a mask (a KV cache whose rows have different lengths) and
+    H > H_kv, CUDA has no fused kernel that takes both enable_gqa and a mask: the math fallback would build
+    (B, H, T, S) scores. Instead each group of H / H_kv query heads is folded into the query axis,
+    (B, H_kv, group*T, D), with the mask repeated to match, and the memory-efficient kernel runs, K/V uncopied.
+    """
+    B, H, T, D = q.shape
+    H_kv = k.size(1)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != H_kv)
+    if H == H_kv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    group = H // H_kv
+    q = q.reshape(B, H_kv, group * T, D)  # query head h = kv head h // group (enable_gqa's order)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.repeat(1, 1, group, 1), scale=scale)
+    return y.view(B, H, T, -1)
+
+
 class CausalSelfAttention(nn.Module):
     """MHA and GQA. With a KV cache, K/V of n_kv_head heads are cached per token."""
 
@@ -113,11 +133,7 @@ class CausalSelfAttention(nn.Module):
             k = kv_cache.write(self.layer_idx, "k", k)
             v = kv_cache.write(self.layer_idx, "v", v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, head_dim)
-        gqa = self.n_kv_head != self.n_head
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        y = attention(q, k, v, attn_mask)  # (B, n_head, T, head_dim)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -166,7 +182,7 @@ class MultiHeadLatentAttention(nn.Module):
             v = self.c_v_up(c_kv).view(B, T, H, self.v_dim)
             q = torch.cat([q_nope, q_rope], dim=-1)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, .)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = attention(q, k, v, scale=self.scale)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
         c_kv = kv_cache.write(self.layer_idx, "c_kv", c_kv)        # (B, S, rank)
@@ -177,7 +193,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2)      # (B, H, T, rank + rope_dim)
         k = torch.cat([c_kv, k_rope], dim=-1).unsqueeze(1)             # (B, 1, S, rank + rope_dim)
         v = c_kv.unsqueeze(1)                                          # (B, 1, S, rank)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
+        y = attention(q, k, v, attn_mask, scale=self.scale)              # (B, H, T, rank)
         y = torch.einsum("bhtr,hdr->bthd", y, w_uv)                    # (B, T, H, v_dim)
         return self.c_proj(y.reshape(B, T, -1))
 

@@ -162,3 +162,32 @@ def test_logits_at_selects_positions():
         picked = model(idx, logits_at=torch.tensor([11, 0, 5]))
     assert picked.shape == (3, 1, VOCAB)
     assert torch.allclose(picked[:, 0], full[torch.arange(3), torch.tensor([11, 0, 5])], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_head, n_kv_head, d, dv", [(6, 2, 16, 16), (4, 1, 24, 16), (3, 3, 8, 8)])
+def test_masked_grouped_attention_folds_heads_into_queries(n_head, n_kv_head, d, dv):
+    """With a mask, grouped heads are folded into the query axis (a fused kernel instead of the math fallback
+    on CUDA): same result as SDPA's enable_gqa, for GQA and MLA's one shared latent head (dv != d)."""
+    from nanochat.gpt import attention
+    torch.manual_seed(0)
+    B, T, S = 2, 3, 7
+    q, k, v = torch.randn(B, n_head, T, d), torch.randn(B, n_kv_head, S, d), torch.randn(B, n_kv_head, S, dv)
+    lengths = torch.tensor([2, 4])  # rows at different positions, as in a batched decode
+    mask = (torch.arange(S)[None, None, :] <= (lengths[:, None] + torch.arange(T))[:, :, None]).unsqueeze(1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                                enable_gqa=n_head != n_kv_head)
+    assert torch.allclose(attention(q, k, v, mask, scale=0.3), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
+def test_kv_cache_takes_the_compute_dtype(attention, n_kv_head):
+    """Under bf16 autocast the cache is bf16 (half of fp32 weights'), and cached decoding still matches."""
+    model = tiny_model(attention, n_kv_head).eval()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(idx)
+        kv_cache = KVCache.for_model(model, batch_size=2, seq_len=32)
+        assert all(t.dtype == torch.bfloat16 for t in kv_cache.tensors.values())
+        pieces = [model(idx[:, :8], kv_cache=kv_cache)] + [model(idx[:, t:t + 1], kv_cache=kv_cache) for t in range(8, 12)]
+    assert torch.allclose(full, torch.cat(pieces, dim=1), atol=0.1)  # bf16 rounding, not a different computation
+    assert KVCache.for_model(model, batch_size=2, seq_len=32).tensors[next(iter(model.kv_cache_layout()))].dtype == torch.float32

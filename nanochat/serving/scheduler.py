@@ -110,7 +110,9 @@ class Scheduler:
         # A long prompt burst is prefilled over several steps so running streams are not stalled for long.
         self.max_prefill_tokens = max_prefill_tokens or max(4 * self.context_len, 4096)
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
+        self.autocast = autocast_context(self.device.type)
+        with self.autocast:  # the cache takes the compute dtype (bf16 under autocast), not the fp32 weights'
+            self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
         cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache.tensors.values())
         logger.info(f"{name}: KV cache {max_batch_size} rows x {self.context_len} tokens = {cache_bytes / 2**30:.2f} GiB "
                     f"on {self.device} (lower --max-batch-size to use less)")
@@ -122,7 +124,6 @@ class Scheduler:
         self.running_tickets = set()
         self.outbox = defaultdict(list)  # ticket -> events of this step
         self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(7), "little"))
-        self.autocast = autocast_context(self.device.type)
         self.seconds_per_request = 2.0  # running average, for Retry-After
         self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
         self._cond = threading.Condition()
