@@ -3,12 +3,13 @@ Saving and loading checkpoints.
 
 Layout: $NANOCHAT_BASE_DIR/<source>_checkpoints/<model_tag>/
     model_<step:06d>.pt          model weights (rank 0)
-    optim_<step:06d>_rank<r>.pt  optimizer state of rank r (each rank owns part of Muon's state)
+    optim_<step:06d>_rank<r>.pt  optimizer states of rank r: its own part of Muon's momentum; AdamW's state,
+                                 the same on every rank, only in rank 0's file
     meta_<step:06d>.json         model_config, user_config, step, val_bpb, loop + dataloader state
 
-Every file is written to a temporary name and renamed, and meta is written last with the byte size of
-the model file, so a crash mid-save leaves no checkpoint that looks complete; a truncated or corrupt
-file is refused with an error naming it.
+Every file is written to a temporary name and renamed, and meta is written last (after a barrier under
+torchrun) with the byte size of the model file, so a crash mid-save leaves no checkpoint that looks
+complete; a truncated or corrupt file is refused with an error naming it.
 """
 
 import glob
@@ -17,6 +18,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
@@ -42,13 +44,20 @@ def _atomic_json_save(obj, path):
 
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0):
-    """Rank 0 writes model + meta; every rank writes its own optimizer state (optimizer_states may be None)."""
+    """
+    Rank 0 writes the model; every rank writes its optimizer states (a list; None entries are states this
+    rank does not save, see optim.checkpoint_states; the whole list may be None). Under torchrun every rank
+    must call this: meta, which marks the checkpoint complete, is written only after all ranks' files are.
+    """
     os.makedirs(checkpoint_dir, exist_ok=True)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    if rank == 0:
+        _atomic_torch_save(model_state, model_path)
     if optimizer_states is not None:
         _atomic_torch_save(optimizer_states, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     if rank == 0:
-        model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-        _atomic_torch_save(model_state, model_path)
         meta = dict(meta, step=step, model_file_bytes=os.path.getsize(model_path))
         _atomic_json_save(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
@@ -96,6 +105,9 @@ def restore_training_state(checkpoint_dir, step, model, optimizers, device, rank
         raise CheckpointError(f"checkpoint {checkpoint_dir} step {step} has model config {meta['model_config']}, "
                               f"the flags give {model.config_dict()}")
     model.load_state_dict(model_state)
+    if any(state is None for state in optimizer_states):  # replicated states were saved once, by rank 0
+        rank0_states = _torch_load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank0.pt"), device)
+        optimizer_states = [mine if mine is not None else theirs for mine, theirs in zip(optimizer_states, rank0_states)]
     for optimizer, state in zip(optimizers, optimizer_states):
         optimizer.load_state_dict(state)
     return meta

@@ -98,6 +98,71 @@ def broadcast_parameters(model):
             dist.broadcast(tensor.data, src=0)
 
 
+def gather_from_ranks(value):
+    """[value of rank 0, value of rank 1, ...] under torchrun (any picklable value); [value] alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def first_error(error):
+    """
+    Every rank passes its error message (None when fine) and gets the first one of any rank, the same on
+    all ranks: a rank that fails alone and exits would leave the others waiting in their next collective
+    until the NCCL timeout, so all ranks stop together instead.
+    """
+    errors = gather_from_ranks(error)
+    for rank, e in enumerate(errors):
+        if e is not None:
+            return e if len(errors) == 1 else f"rank {rank}: {e}"
+    return None
+
+
+class DataMismatch(RuntimeError):
+    """The ranks of one torchrun job could not load the same data (they would desynchronize and hang)."""
+
+
+LOAD_ERRORS = (RuntimeError, FileNotFoundError, OSError)  # tasks.common.DatasetUnavailable is a RuntimeError
+
+
+def load_on_all_ranks(candidates):
+    """
+    candidates: [(name, zero-argument constructor)]. Each rank builds them, then rank 0 decides for all
+    (under torchrun): a task rank 0 could not load is skipped on every rank; a task rank 0 loaded but
+    another rank could not, or loaded with a different length, raises DataMismatch on every rank. Ranks
+    stepping through different data would disagree on their number of collectives and hang.
+    Returns ([(name, task)], [(name, why skipped)]), in candidate order, the same on every rank.
+    """
+    built, report = {}, []
+    for name, build in candidates:
+        try:
+            task = build()
+        except LOAD_ERRORS as e:
+            report.append((name, None, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        built[name] = task
+        report.append((name, len(task), None if len(task) else "no examples"))
+    reports = gather_from_ranks(report)
+    for rank, theirs in enumerate(reports[1:], start=1):
+        for (name, length, _), (_, their_length, reason) in zip(reports[0], theirs):
+            if length and their_length != length:
+                problem = reason or f"{their_length} examples where rank 0 has {length}"
+                raise DataMismatch(f"{name}: rank {rank} cannot load what rank 0 loaded ({problem}); the ranks would "
+                                   f"train or evaluate on different data. Give every rank the same data (the same "
+                                   f"NANOCHAT_DATA_DIR, hub access or cache) and run again.")
+    used = [(name, built[name]) for name, length, _ in reports[0] if length]
+    skipped = [(name, reason) for name, length, reason in reports[0] if not length]
+    return used, skipped
+
+
+def print_all(*args):
+    """print on every rank, prefixed by the rank under torchrun (errors each rank must show)."""
+    is_ddp, rank, _, _ = get_dist_info()
+    print(*([f"[rank {rank}]"] if is_ddp else []), *args, flush=True)
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import autocast_context, get_base_dir, get_data_dir, print0
+from nanochat.common import autocast_context, get_base_dir, get_data_dir, load_on_all_ranks, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 DOWNLOAD_ATTEMPTS = 3
@@ -379,11 +379,13 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=None, 
     results, centered, examples, skipped = {}, {}, {}, []
     for task in load_core_tasks(bundle_dir):
         label = task["label"]
-        rows = load_task_rows(task) if os.path.isfile(task["path"]) else []
-        if not rows:
+        # rank 0 decides (a file missing on one node only would desynchronize the ranks' collectives)
+        loaded, _ = load_on_all_ranks([(label, lambda: load_task_rows(task) if os.path.isfile(task["path"]) else [])])
+        if not loaded:
             print0(f"{label}: skipped, {task['path']} is missing or empty")
             skipped.append(label)
             continue
+        rows = loaded[0][1]
         t0 = time.time()
         accuracy = evaluate_task(model, tokenizer, task, rows, device, max_per_task, batch_size)
         results[label] = accuracy

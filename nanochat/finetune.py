@@ -14,13 +14,13 @@ import torch
 from nanochat.checkpoint_manager import (SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint,
                                          find_meta)
 from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, get_base_dir, get_dist_info, print0,
-                             resolve_compile_mode, synchronize)
+                             broadcast_parameters, compile_model, compute_cleanup, first_error, get_base_dir, get_dist_info,
+                             load_on_all_ranks, print0, resolve_compile_mode, synchronize)
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.memory import log_peak_memory, planned_dtype, training_plan
 from nanochat.tokenizer import get_tokenizer
 from nanochat.dataloader import ConversationLoader
-from nanochat.optim import apply_schedule, setup_optimizers
+from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
 
 
@@ -135,12 +135,15 @@ def dry_run(args):
 def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     """Train `args.source` -> `args.dest` checkpoints on conversations. Returns the process exit code."""
     is_ddp, rank, _, world_size, device = ddp_info
+    error = None
     try:
         model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                                    step=args.model_step)
         grad_accum_steps = accumulation_steps(args, world_size)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print0(f"error: {e}")
+        error = str(e)
+    if error := first_error(error):  # every rank stops, or none
+        print0(f"error: {error}")
         compute_cleanup()
         return 1
     args.max_seq_len = min(args.max_seq_len, model.config.sequence_len)
@@ -157,10 +160,13 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     optimizers = setup_optimizers(model, rank=rank, world_size=world_size, **lr)
     start_step, loader_state, curve = 0, None, {"steps": [], "loss": []}
     if args.resume_from_step >= 0:
+        error = None
         try:
             meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
         except CheckpointError as e:
-            print0(f"error: cannot resume: {e}")
+            error = str(e)
+        if error := first_error(error):
+            print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1
         start_step, loader_state = meta["step"], meta["dataloader_state"][rank]
@@ -199,7 +205,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
                 torch.distributed.all_gather_object(states, loader.state_dict())
             meta = dict(model_config=model.config_dict(), user_config=vars(args), val_loss=val_loss, model_tag=model_tag,
                         dataloader_state=states, source=args.source, source_step=source_meta["step"])
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), checkpoint_states(optimizers, rank), meta, rank)
         if last_step:
             break
 
@@ -257,19 +263,11 @@ def describe_mixture(named_counts):
 def load_available(candidates):
     """
     candidates: [(name, zero-argument constructor)]. Builds each task; one whose data is unavailable
-    (offline, not in NANOCHAT_DATA_DIR) is skipped with a message. Returns ([tasks], "name count, ..."),
-    so a stage says exactly what it trained on.
+    (offline, not in NANOCHAT_DATA_DIR) is skipped with a message, the same way on every rank (nanochat.common.
+    load_on_all_ranks; DataMismatch when ranks cannot agree). Returns ([tasks], "name count, ..."), so a stage says
+    exactly what it trained on.
     """
-    tasks, used = [], []
-    for name, build in candidates:
-        try:
-            task = build()
-        except (RuntimeError, FileNotFoundError, OSError) as e:  # DatasetUnavailable is a RuntimeError
-            print0(f"  skipping {name}: {str(e).splitlines()[0]}")
-            continue
-        if len(task) == 0:
-            print0(f"  skipping {name}: no conversations")
-            continue
-        tasks.append(task)
-        used.append((name, len(task)))
-    return tasks, describe_mixture(used)
+    loaded, skipped = load_on_all_ranks(candidates)
+    for name, reason in skipped:
+        print0(f"  skipping {name}: {reason}")
+    return [task for _, task in loaded], describe_mixture([(name, len(task)) for name, task in loaded])

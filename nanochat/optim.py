@@ -48,6 +48,8 @@ class Muon(torch.optim.Optimizer):
     orthogonalized, scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
     """
 
+    sharded = True  # each rank keeps the momentum of the matrices it owns only
+
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  rank=0, world_size=1):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
@@ -89,6 +91,8 @@ class Muon(torch.optim.Optimizer):
 class DistAdamW(torch.optim.AdamW):
     """AdamW that first averages gradients across ranks (a no-op in a single process)."""
 
+    sharded = False  # same averaged gradients, same update: every rank holds the same state
+
     def __init__(self, params, rank=0, world_size=1, **kwargs):
         super().__init__(params, **kwargs)
         self.rank, self.world_size = rank, world_size
@@ -118,6 +122,11 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]  # the schedule multiplies this
     return optimizers
+
+
+def checkpoint_states(optimizers, rank):
+    """What this rank saves of each optimizer: a replicated state once (rank 0), a sharded one by every rank."""
+    return [opt.state_dict() if rank == 0 or opt.sharded else None for opt in optimizers]
 
 
 def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):

@@ -16,7 +16,7 @@ import sys
 import time
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, is_main_process, print0
+from nanochat.common import compute_cleanup, compute_init, first_error, get_base_dir, is_main_process, print0
 from nanochat.core_eval import EvalBundleError, evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
 
@@ -82,16 +82,17 @@ def log_report(out, model_tag, step, args, seconds):
 def main(argv=None):
     args = parse_args(argv)
     _, _, _, _, device = compute_init(args.device_type)
+    error = None
     try:
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES["base"]))
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=args.step)
         bundle_dir = get_eval_bundle_dir()
     except (CheckpointError, FileNotFoundError) as e:
-        print0(f"error: {e}\nTrain a base model first: python -m scripts.base_train")
-        compute_cleanup()
-        return 1
+        error = f"{e}\nTrain a base model first: python -m scripts.base_train"
     except EvalBundleError as e:
-        print0(f"error: {e}")
+        error = str(e)
+    if error := first_error(error):  # every rank stops, or none
+        print0(f"error: {error}")
         compute_cleanup()
         return 1
     print0(f"CORE eval of base model {model_tag} step {meta['step']} with the bundle at {bundle_dir}")

@@ -10,7 +10,7 @@ import sys
 
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, first_error, print0
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.engine import complete_greedy
 from nanochat.loss_eval import evaluate_bpb
@@ -39,11 +39,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    error = None
     try:
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.model_step)
         token_bytes = get_token_bytes(device=device)
     except (CheckpointError, FileNotFoundError) as e:
-        print0(f"error: {e}\nTrain a base model first: python -m scripts.base_train")
+        error = str(e)
+    if error := first_error(error):  # every rank stops, or none
+        print0(f"error: {error}\nTrain a base model first: python -m scripts.base_train")
         compute_cleanup()
         return 1
     autocast = autocast_context(device.type)

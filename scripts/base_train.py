@@ -20,7 +20,7 @@ import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
 from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+                             broadcast_parameters, compile_model, compute_cleanup, compute_init, first_error, get_base_dir, get_dist_info,
                              peak_flops_per_second, print0, resolve_compile_mode, synchronize)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
@@ -28,7 +28,7 @@ from nanochat.engine import complete_greedy
 from nanochat.gpt import ATTENTION_VARIANTS, GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import log_peak_memory, planned_dtype, shards_needed, training_plan
-from nanochat.optim import apply_schedule, setup_optimizers
+from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -173,13 +173,16 @@ def main(argv=None):
     master = rank == 0
     autocast = autocast_context(device_type)
 
-    # data and tokenizer first: both fail fast with a message that says what to run
+    # data and tokenizer first: both fail fast with a message that says what to run (on every rank at once)
+    error = None
     try:
         tokenizer = get_tokenizer()
         token_bytes = get_token_bytes(device=device)
         ensure_local_shards()
     except FileNotFoundError as e:
-        print0(f"error: {e}")
+        error = str(e)
+    if error := first_error(error):
+        print0(f"error: {error}")
         compute_cleanup()
         return 1
     vocab_size = tokenizer.get_vocab_size()
@@ -210,10 +213,13 @@ def main(argv=None):
     # resume: model, optimizer and loader state, and the loop's own counters
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
+        error = None
         try:
             meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
         except CheckpointError as e:
-            print0(f"error: cannot resume: {e}")
+            error = str(e)
+        if error := first_error(error):
+            print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1
         start_step = meta["step"]
@@ -284,7 +290,7 @@ def main(argv=None):
                 torch.distributed.all_gather_object(loader_states, train_loader.state_dict())
             meta = dict(model_config=model.config_dict(), user_config=user_config, val_bpb=val_bpb,
                         loop_state=loop_state, dataloader_state=loader_states, world_size=world_size)
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank)
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), checkpoint_states(optimizers, rank), meta, rank)
 
         if last_step:
             break

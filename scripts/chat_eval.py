@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, print0
+from nanochat.common import (DataMismatch, autocast_context, compute_cleanup, compute_init, first_error, load_on_all_ranks,
+                             print0, print_all)
 from nanochat.engine import Engine
 from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
-from tasks.common import DatasetUnavailable
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AIME"]
 # random-guess accuracy of each task, for ChatCORE (mean of (acc - baseline) / (1 - baseline))
@@ -168,8 +168,7 @@ def log_samples(path, task, task_name, records):
             f.write(json.dumps(row, default=str) + "\n")
 
 
-def evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size):
-    task = load_task(name)
+def evaluate_task(name, task, model, tokenizer, engine, args, device, rank, world_size):
     indices, total = shard_indices(len(task), rank, world_size, args.max_problems)
     t0 = time.time()
     if task.eval_type == "categorical":
@@ -188,10 +187,13 @@ def evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size
 def main(argv=None):
     args = parse_args(argv)
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    error = None
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (CheckpointError, FileNotFoundError) as e:
-        print0(f"error: {e}")
+        error = str(e)
+    if error := first_error(error):  # every rank stops, or none
+        print0(f"error: {error}")
         compute_cleanup()
         return 1
     autocast = autocast_context(device.type)
@@ -201,13 +203,18 @@ def main(argv=None):
 
     results, skipped = {}, {}
     for name in args.tasks:
-        try:
-            with autocast:
-                accuracy, records = evaluate_task(name, model, tokenizer, engine, args, device, rank, world_size)
-        except (DatasetUnavailable, FileNotFoundError) as e:  # a missing dataset skips that task, with the reason
-            print0(f"{name}: skipped ({e})")
-            skipped[name] = str(e)
+        try:  # rank 0 decides: a dataset it lacks skips the task everywhere, with the reason
+            loaded, not_loaded = load_on_all_ranks([(name, lambda: load_task(name))])
+        except DataMismatch as e:
+            print_all(f"error: {e}")
+            compute_cleanup()
+            return 1
+        if not_loaded:
+            print0(f"{name}: skipped ({not_loaded[0][1]})")
+            skipped[name] = not_loaded[0][1]
             continue
+        with autocast:
+            accuracy, records = evaluate_task(name, loaded[0][1], model, tokenizer, engine, args, device, rank, world_size)
         results[name] = accuracy
         if name == "AIME":  # per-year accuracy from the same run
             for year in (2024, 2025):

@@ -16,10 +16,12 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (autocast_context, broadcast_parameters, compute_cleanup, compute_init, first_error,
+                             get_base_dir, load_on_all_ranks, print0)
 from nanochat.engine import Engine
-from nanochat.optim import apply_schedule, setup_optimizers
+from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
+from tasks.common import DatasetUnavailable
 
 
 def parse_args(argv=None):
@@ -112,13 +114,20 @@ def policy_gradient_loss(model, sequences, masks, advantages, prompt_lens, batch
 def main(argv=None):
     args = parse_args(argv)
     is_ddp, rank, _, world_size, device = compute_init(args.device_type, seed=args.seed)
+    from tasks.gsm8k import GSM8K
+    error = None
     try:
-        from tasks.gsm8k import GSM8K
-        train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+        tasks, skipped = load_on_all_ranks([("GSM8K train", lambda: GSM8K(subset="main", split="train")),
+                                             ("GSM8K test", lambda: GSM8K(subset="main", split="test"))])
+        if skipped:
+            raise DatasetUnavailable("; ".join(f"{name}: {reason}" for name, reason in skipped))
+        (_, train_task), (_, test_task) = tasks
         model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                                    step=args.model_step)
-    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
-        print0(f"error: {e}")
+    except (CheckpointError, FileNotFoundError, RuntimeError) as e:  # DataMismatch, DatasetUnavailable too
+        error = str(e)
+    if error := first_error(error):
+        print0(f"error: {error}")
         compute_cleanup()
         return 1
     if args.examples_per_step % world_size != 0:
@@ -133,12 +142,16 @@ def main(argv=None):
     optimizers = setup_optimizers(model, rank=rank, world_size=world_size, **lr)
     start_step = 0
     if args.resume_from_step >= 0:
+        error = None
         try:
             start_step = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)["step"]
         except CheckpointError as e:
-            print0(f"error: cannot resume: {e}")
+            error = str(e)
+        if error := first_error(error):
+            print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1
+    broadcast_parameters(model)  # every rank starts from rank 0's weights
     autocast = autocast_context(device.type)
     engine = Engine(model, tokenizer)
     per_rank = args.examples_per_step // world_size
@@ -157,7 +170,7 @@ def main(argv=None):
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             meta = dict(model_config=model.config_dict(), user_config=vars(args), model_tag=model_tag, pass_at_k=pass_at_k,
                         source=args.source, source_step=source_meta["step"])
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), checkpoint_states(optimizers, rank), meta, rank)
         if last_step:
             break
 

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from nanochat.common import compute_init, print0
+from nanochat.common import DataMismatch, compute_cleanup, compute_init, print0, print_all
 from nanochat.finetune import add_finetune_flags, check_finetune_flags, dry_run, finetune, load_available
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -52,10 +52,16 @@ def main(argv=None):
         return dry_run(args)
     ddp_info = compute_init(args.device_type, seed=args.seed)
     print0("midtraining data:")
-    train_set, val_set, summary = build_mixture()
+    try:
+        train_set, val_set, summary = build_mixture()
+    except DataMismatch as e:
+        print_all(f"error: {e}")
+        compute_cleanup()
+        return 1
     if train_set is None:
         print0("error: no conversation data could be loaded. Go online (Hugging Face hub) or set NANOCHAT_DATA_DIR "
                "to a local mirror (gsm8k/, chat_sft/).")
+        compute_cleanup()
         return 1
     return finetune(args, train_set, val_set, packed=True, section="Midtraining", ddp_info=ddp_info, data_summary=summary)
 

@@ -199,7 +199,6 @@ def _validate_content(content, role, i):
 # ---------------------------------------------------------------------------------------------------
 # Loading: local mirror first, then the hub
 
-
 def local_data_file(*parts):
     """$NANOCHAT_DATA_DIR/<parts...> if NANOCHAT_DATA_DIR is set and that file exists, else None."""
     data_dir = get_data_dir()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -86,19 +87,29 @@ def test_tok_train_base_train_base_loss_and_exact_resume(prepared, tmp_path, iso
     assert "val bpb" in report
 
 
-def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path):
+def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, isolated_base_dir):
     env = prepared
     common = [*TRAIN, "--num-iterations", "6", "--save-every", "-1", "--sample-every", "100"]
     run(["scripts.base_train", *common, "--model-tag", "single", "--loss-log", str(tmp_path / "single.jsonl")], env)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "scripts.base_train", *common, "--model-tag", "ddp", "--loss-log", str(tmp_path / "ddp.jsonl")]
-    out = run(torchrun, env, module=False)
+    out = run([*torchrun, "--save-every", "3"], env, module=False)
     assert "x 2 processes x 1 accumulation steps" in out
     single, ddp = read_losses(tmp_path / "single.jsonl"), read_losses(tmp_path / "ddp.jsonl")
     assert sorted(single) == sorted(ddp) == list(range(1, 7))
     max_difference = max(abs(single[s] - ddp[s]) for s in single)
     print(f"max |loss_1proc - loss_2proc| over 6 steps: {max_difference:.3e}")
     assert max_difference < 1e-5
+
+    # AdamW's state is the same on both ranks: saved once, by rank 0; each rank saves its own Muon momentum
+    checkpoint_dir = isolated_base_dir / "base_checkpoints" / "ddp"
+    rank0, rank1 = (torch.load(checkpoint_dir / f"optim_000003_rank{r}.pt") for r in range(2))
+    assert rank0[0] is not None and rank1[0] is None and rank0[1]["state"] and rank1[1]["state"]
+    assert not set(rank0[1]["state"]) & set(rank1[1]["state"])  # disjoint Muon shards
+    # both ranks resume from rank 0's files and their own, and continue exactly
+    run([*torchrun, "--resume-from-step", "3", "--loss-log", str(tmp_path / "ddp_resumed.jsonl")], env, module=False)
+    resumed = read_losses(tmp_path / "ddp_resumed.jsonl")
+    assert resumed == {s: ddp[s] for s in (4, 5, 6)}, (resumed, ddp)
 
 
 def test_clear_errors(env, tmp_path, isolated_base_dir):

@@ -46,3 +46,57 @@ def test_compile_mode_auto_is_on_for_cuda_only():
     assert common.resolve_compile_mode("max-autotune", "cpu") == "max-autotune"
     with pytest.raises(ValueError):
         common.resolve_compile_mode("fast", "cuda")
+
+
+def _rank_main(rank, port, results):
+    """One of two gloo processes: rank 1 cannot load "chats", and rank 0 cannot load "extra"."""
+    import torch.distributed as dist
+
+    from tasks.common import DatasetUnavailable
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def chats():
+        if rank == 1:
+            raise DatasetUnavailable("chats: not in NANOCHAT_DATA_DIR and the hub is offline")
+        return list(range(5))
+
+    def extra():
+        if rank == 0:
+            raise FileNotFoundError("extra.jsonl")
+        return [1, 2]
+
+    outcome = {}
+    loaded, skipped = common.load_on_all_ranks([("numbers", lambda: list(range(3))), ("extra", extra)])
+    outcome["agreed"] = ([name for name, _ in loaded], [name for name, _ in skipped])
+    try:
+        common.load_on_all_ranks([("numbers", lambda: list(range(3))), ("chats", chats)])
+    except common.DataMismatch as e:
+        outcome["mismatch"] = str(e)
+    outcome["first_error"] = common.first_error("disk full" if rank == 1 else None)
+    dist.destroy_process_group()
+    results.put((rank, outcome))
+
+
+def test_ranks_decide_together_and_fail_together():
+    """Two gloo processes: rank 0's view of the data is everyone's, and one rank's missing dataset is a clear
+    error on both ranks instead of a hang at the next collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_rank_main, args=(rank, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    for rank in range(2):
+        assert outcomes[rank]["agreed"] == (["numbers"], ["extra"])  # rank 0 lacked "extra": skipped everywhere
+        assert "chats: rank 1 cannot load what rank 0 loaded" in outcomes[rank]["mismatch"]
+        assert "hub is offline" in outcomes[rank]["mismatch"]
+        assert outcomes[rank]["first_error"] == "rank 1: disk full"
