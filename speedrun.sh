@@ -6,14 +6,14 @@
 #   WANDB_RUN=d20 bash speedrun.sh         # also log to Weights & Biases
 #   NANOCHAT_DATA_DIR=/path/to/mirror bash speedrun.sh   # offline: use a local dataset mirror
 #
-# Bigger models: DEPTH=26 DEVICE_BATCH=16 bash speedrun.sh (~$300), DEPTH=32 DEVICE_BATCH=8 (~$800);
-# a smaller device batch keeps them in 80 GB and gradient accumulation keeps the global batch.
+# Bigger models: DEPTH=26 bash speedrun.sh (~$300), DEPTH=32 (~$800). Each stage's device batch is the
+# largest power of two whose estimated peak memory (--dry-run) fits the GPU's free memory; gradient
+# accumulation keeps the global batch. DEVICE_BATCH=N forces one for every stage.
 set -euo pipefail
 cd "$(dirname "$0")"
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 WANDB_RUN=${WANDB_RUN:-dummy}
 DEPTH=${DEPTH:-20}
-DEVICE_BATCH=${DEVICE_BATCH:-32}
 mkdir -p "$NANOCHAT_BASE_DIR"
 
 source dev/setup_env.sh   # .venv with torch (CUDA or CPU build) and nanochat installed
@@ -27,10 +27,15 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source dev/stage.sh
 python -m nanochat.report reset
+FREE_BYTES=$(python -c "import torch; print(torch.cuda.mem_get_info()[0])")
+source dev/pick_batch.sh
 
-stage "data: first 8 shards (tokenizer training), the rest in the background"
+# enough FineWeb-Edu shards for the horizon of this depth (~217 for d20), so no data repeats
+SHARDS=$(python -m scripts.base_train --depth "$DEPTH" --dry-run --world-size "$NUM_GPUS" --device-batch-size 1 \
+    | tail -1 | python -c "import json, sys; print(json.load(sys.stdin)['shards'])")
+stage "data: first 8 shards (tokenizer training), the rest of $SHARDS in the background"
 if python -m nanochat.dataset -n 8; then
-    python -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+    python -m nanochat.dataset -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
 else
     DOWNLOAD_PID=
@@ -47,18 +52,21 @@ python -m scripts.tok_train --max-chars 2000000000 --vocab-size 65536
 python -m scripts.tok_eval
 
 [ -n "$DOWNLOAD_PID" ] && wait "$DOWNLOAD_PID"
-stage "base model d$DEPTH on $NUM_GPUS GPUs (~3 h on 8xH100 for d20)"
+BATCH=$(pick_batch scripts.base_train --depth "$DEPTH")
+stage "base model d$DEPTH on $NUM_GPUS GPUs, device batch $BATCH (~3 h on 8xH100 for d20)"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_train --depth "$DEPTH" \
-    --device-batch-size "$DEVICE_BATCH" --run "$WANDB_RUN"
-torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss --device-batch-size "$DEVICE_BATCH"
+    --device-batch-size "$BATCH" --run "$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss --device-batch-size "$BATCH"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_eval
 
-stage "midtraining (~15 min)"
-torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.mid_train --device-batch-size "$DEVICE_BATCH" --run "$WANDB_RUN"
+BATCH=$(pick_batch scripts.mid_train)
+stage "midtraining, device batch $BATCH (~15 min)"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.mid_train --device-batch-size "$BATCH" --run "$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -i mid
 
-stage "supervised finetuning (~10 min)"
-torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_sft --run "$WANDB_RUN"
+BATCH=$(pick_batch scripts.chat_sft)
+stage "supervised finetuning, device batch $BATCH (~10 min)"
+torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_sft --device-batch-size "$BATCH" --run "$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -i sft
 
 if [ "${RUN_RL:-0}" = "1" ]; then   # optional: RL on GSM8K (~1 h)

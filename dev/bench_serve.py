@@ -4,6 +4,9 @@ Serving throughput and latency of the real server (python -m scripts.chat_web) i
      (target on CPU: >= 6x at 16 clients)
   2. p50/p95 time to first token per concurrency level (client side: request sent -> first content chunk)
   3. failed requests over >= 500 requests at concurrency 32 (must be 0)
+  4. replicas in worker processes (--cpu-workers): aggregate tokens/s of 2 workers at 2N clients against 1
+     worker at N clients (--scaling-clients N, default 16; target >= 1.3x on 2 cores, where the 2 workers and
+     the HTTP front share 2 cores; on 8 GPUs each worker has a GPU and a core of its own)
 
 python dev/bench_serve.py                                   a temporary tiny sft checkpoint, all levels
 python dev/bench_serve.py --base-dir ~/.cache/nanochat -g d20 --max-tokens 64    a real sft checkpoint
@@ -70,7 +73,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(args, base_dir, port, log_file):
+def start_server(args, base_dir, port, log_file, extra=()):
     env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
     env.pop("NANOCHAT_API_KEYS", None)  # loopback without keys: auth is off
     # The benchmark is one caller firing hundreds of requests a minute with up to 32 in flight; lift the
@@ -78,7 +81,7 @@ def start_server(args, base_dir, port, log_file):
     env.update(NANOCHAT_MAX_CONCURRENT_REQUESTS="1024", NANOCHAT_MAX_QUEUED_REQUESTS="4096",
                NANOCHAT_RATE_LIMIT_MAX_REQUESTS="1000000")
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size)] + (["-g", args.model_tag] if args.model_tag else [])
+           "--max-batch-size", str(args.max_batch_size), *extra] + (["-g", args.model_tag] if args.model_tag else [])
     pin = (lambda: os.sched_setaffinity(0, args.server_cpus)) if args.server_cpus else None  # before torch starts
     process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                preexec_fn=pin)  # noqa: PLW1509 (the child only makes a syscall before exec)
@@ -227,13 +230,19 @@ def summarize(args, rows, base_tps, server, seconds):
             "server_cpu_cores": fmt("server_cpu", 2), "server": server, "seconds_total": round(seconds, 1)}
 
 
-async def benchmark(args, url, pid):
+async def warm_up(args, url):
+    """The served model's name, after a few requests (first forwards, allocator, connection setup)."""
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        for prompt in PROMPTS[:3]:  # warm-up: first forwards, allocator, connection setup
+        for prompt in PROMPTS[:3]:
             response = await http.post("/v1/chat/completions", json=request_body(model, prompt, args.max_tokens))
             if response.status_code != 200:
                 raise SystemExit(f"error: a warm-up request failed: HTTP {response.status_code} {response.text[:500]}")
+    return model
+
+
+async def benchmark(args, url, pid):
+    model = await warm_up(args, url)
     rows = []
     for level in args.levels:
         num_requests = args.requests_at_32 if level == 32 else max(args.requests_per_level, level)
@@ -243,6 +252,26 @@ async def benchmark(args, url, pid):
               + (f" {r['errors']}" if r["errors"] else ""), flush=True)
         rows.append(r)
     return model, rows
+
+
+def worker_scaling(args, base_dir, log_file):
+    """Aggregate tokens/s of 1 worker process at N clients and of 2 at 2N clients (all processes counted)."""
+    rows = []
+    for workers in (1, 2):
+        clients = args.scaling_clients * workers
+        process, url = start_server(args, base_dir, free_port(), log_file, extra=["--cpu-workers", str(workers)])
+        try:
+            model = asyncio.run(warm_up(args, url))
+            print(f"{workers} worker process(es): {args.requests_per_level * workers} requests from {clients} clients...",
+                  end=" ", flush=True)
+            server = psutil.Process(process.pid)
+            r = asyncio.run(run_level(args, url, model, clients, args.requests_per_level * workers, server))
+        finally:
+            stop_server(process)
+        r["workers"] = workers
+        print(f"{r['seconds']:.1f} s, {r['tokens_per_second']:,.0f} tok/s, {r['failed']} failed", flush=True)
+        rows.append(r)
+    return rows
 
 
 def main():
@@ -258,6 +287,8 @@ def main():
     p.add_argument("--server-cpus", default=None, help="pin the server to these CPU ids, e.g. 0 (default: not pinned)")
     p.add_argument("--request-timeout", type=float, default=120)
     p.add_argument("--startup-timeout", type=float, default=180)
+    p.add_argument("--scaling-clients", type=int, default=16,
+                   help="worker scaling: N clients for 1 worker process, 2N for 2 (0: skip the stage)")
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.server_cpus = {int(x) for x in args.server_cpus.split(",")} if args.server_cpus else None
@@ -274,6 +305,7 @@ def main():
                 server = scrape_metrics(url)
             finally:
                 stop_server(process)
+            scaling = worker_scaling(args, base_dir, log_file) if args.scaling_clients else []
             log_file.seek(0)
             problems = [line for line in log_file if "Traceback" in line or "ERROR" in line or "failed" in line]
     server["log_problem_lines"] = len(problems)
@@ -284,7 +316,20 @@ def main():
     for line in problems[:5]:
         print("server log:", line.rstrip())
     print_table(rows, base_tps)
-    print(json.dumps(summarize(args, rows, base_tps, server, seconds)))
+    summary = summarize(args, rows, base_tps, server, seconds)
+    if scaling:
+        one, two = scaling
+        ratio = two["tokens_per_second"] / one["tokens_per_second"]
+        print(f"\n{'workers':>7} {'clients':>7} {'requests':>8} {'failed':>6} {'tokens/s':>9} {'TTFT p95 ms':>11}")
+        for r in scaling:
+            print(f"{r['workers']:>7} {r['level']:>7} {r['requests']:>8} {r['failed']:>6} {r['tokens_per_second']:>9,.0f} "
+                  f"{r['ttft_p95_ms']:>11.0f}")
+        print(f"2 workers at {two['level']} clients / 1 worker at {one['level']}: {ratio:.2f}x")
+        summary["worker_scaling"] = {"one_worker_tokens_per_second": round(one["tokens_per_second"], 1),
+                                     "two_workers_tokens_per_second": round(two["tokens_per_second"], 1),
+                                     "ratio": round(ratio, 2), "target_met": ratio >= 1.3,
+                                     "failed": one["failed"] + two["failed"]}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

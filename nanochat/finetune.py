@@ -11,15 +11,14 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import (SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint,
-                                         find_meta)
+from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, restore_training_state,
+                                         save_checkpoint)
 from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, first_error, get_base_dir, get_dist_info,
-                             load_on_all_ranks, print0, resolve_compile_mode, synchronize)
-from nanochat.gpt import GPT, GPTConfig, config_from_depth
-from nanochat.memory import log_peak_memory, planned_dtype, training_plan
-from nanochat.tokenizer import get_tokenizer
+                             broadcast_parameters, compile_model, compute_cleanup, first_error, get_base_dir,
+                             get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize)
 from nanochat.dataloader import ConversationLoader
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, training_plan
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
 
@@ -109,12 +108,8 @@ def dry_run(args):
         if args.depth is None:
             print0(f"error: {e}\n(to plan before the earlier stage has run, give --depth)")
             return 1
-        try:
-            vocab_size = get_tokenizer().get_vocab_size()
-        except FileNotFoundError:
-            vocab_size = 65536
-        print0(f"no {args.source} checkpoint yet: planning for depth {args.depth}, vocabulary {vocab_size:,}")
-        config = config_from_depth(args.depth, args.max_seq_len, vocab_size)
+        print0(f"no {args.source} checkpoint yet: planning for depth {args.depth}")
+        config = config_from_depth(args.depth, args.max_seq_len, planned_vocab_size())
     with torch.device("meta"):
         model = GPT(config)
     args.max_seq_len = min(args.max_seq_len, config.sequence_len)
@@ -126,8 +121,8 @@ def dry_run(args):
     if args.num_iterations < 0:
         print0("tokens and FLOPs depend on the data mixture: give --num-iterations to plan them")
     compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
-    plan = describe_plan(args, model, world_size, grad_accum_steps, args.num_iterations if args.num_iterations > 0 else None,
-                         planned_dtype(device_type), compiled)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else None
+    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, planned_dtype(device_type), compiled)
     print0(json.dumps(plan))
     return 0
 

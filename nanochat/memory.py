@@ -14,11 +14,12 @@ The parts, in bytes per process (P = parameters, N = B*T tokens of one micro-bat
 - logits: N * V * LOGIT_BYTES: fp32 logits, their soft-capped copy, log-softmax and their gradients
   around the start of backward, the largest single item for big vocabularies
 
-ACTIVATION_BYTES and LOGIT_BYTES are measured, not derived: the peak of the CPU allocator during one
-forward+backward (torch.profiler memory events; tests/test_memory.py) over models of different depth,
-width and vocabulary, fitted per (dtype, compiled). The per-layer figure is linear in C (flash-style
-attention keeps O(T) per token, no T x T scores). On CUDA the same torch.compile partitioner decides what
-is saved, but kernels differ: dev/gpu_check.sh compares the estimate with max_memory_allocated().
+ACTIVATION_BYTES and LOGIT_BYTES are measured, not derived: the peak of the CPU allocator during training
+steps (measure_training_peak below) over models of different depth, width and vocabulary, fitted per
+(dtype, compiled); dev/bench_memory.py prints estimate against measurement, tests/test_memory.py checks
+them. The per-layer figure is linear in C (flash-style attention keeps O(T) per token, no T x T scores).
+On CUDA the same torch.compile partitioner decides what is saved, but kernels differ: every CUDA run
+logs the ratio, and dev/gpu_check.sh checks it.
 """
 
 import math
@@ -26,6 +27,7 @@ import math
 import torch
 
 from nanochat.common import autocast_dtype, print0
+from nanochat.tokenizer import get_tokenizer
 
 # bytes per token, per layer, per unit of width, kept for backward; (compute dtype, compiled) ->
 ACTIVATION_BYTES = {(torch.float32, False): 72, (torch.bfloat16, False): 48,
@@ -78,6 +80,77 @@ def shards_needed(tokens, chars_per_token=4.8, chars_per_shard=250e6):
     return math.ceil(tokens * chars_per_token / chars_per_shard) + 1
 
 
+def cpu_peak_allocated(fn):
+    """
+    Peak bytes allocated on the CPU while fn() runs (tensors allocated inside it and still live), read from
+    the profiler's allocator events: what the estimate is checked against where there is no CUDA allocator.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_time_ns):
+        live += event.extra_fields.alloc_size
+        peak = max(peak, live)
+    return peak
+
+
+def measure_training_peak(config, device_batch_size, seq_len, dtype=torch.float32, compiled=False,
+                          gradient_checkpointing=False):
+    """
+    What training_memory() estimates, measured on the CPU: build the model and optimizers, then two
+    optimizer steps, the second accumulating two micro-batches (its second forward runs with gradients and
+    optimizer state allocated: the real peak). A compiled model is compiled and warmed up outside the
+    measurement. Returns (measured peak bytes, the model).
+    """
+    from nanochat.gpt import GPT
+    from nanochat.optim import setup_optimizers
+    x, y = torch.randint(0, config.vocab_size, (2, device_batch_size, seq_len)).unbind(0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    built = {}
+
+    def train():
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.init_weights()
+        model.enable_gradient_checkpointing(gradient_checkpointing)
+        optimizers = setup_optimizers(model)
+        forward = torch.compile(model, dynamic=False) if compiled else model
+        for micro_steps in (1, 2):
+            for _ in range(micro_steps):
+                with autocast:
+                    loss = forward(x, y)
+                (loss / micro_steps).backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        built["model"] = model
+
+    if compiled:
+        train()  # compilation allocates too: keep it out of the measurement
+    return cpu_peak_allocated(train), built["model"]
+
+
+PLANNING_VOCAB_SIZE = 65536  # what speedrun.sh trains the tokenizer to
+
+
+def planned_vocab_size():
+    """The trained tokenizer's vocabulary, or speedrun's before there is one (said once)."""
+    try:
+        return get_tokenizer().get_vocab_size()
+    except FileNotFoundError:
+        print0(f"no tokenizer yet: planning with a vocabulary of {PLANNING_VOCAB_SIZE:,}")
+        return PLANNING_VOCAB_SIZE
+
+
 def planned_dtype(device_type):
     """The compute dtype of a run on device_type; planning for CUDA on a machine without a GPU assumes bf16."""
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -102,11 +175,13 @@ def training_plan(model, device_batch_size, seq_len, world_size, grad_accum_step
             "memory_gb": {k: round(v / 1e9, 2) for k, v in memory.items() if k != "total"}}
 
 
-def log_peak_memory(device, estimate_bytes):
+def log_peak_memory(device, estimate_bytes=None):
     """After the first steps of a CUDA run: what torch really allocated at the peak, next to the estimate."""
     if device.type != "cuda":
         return None
     peak = torch.cuda.max_memory_allocated(device)
-    print0(f"peak memory allocated: {peak / 1e9:.2f} GB (estimated {estimate_bytes / 1e9:.2f} GB, "
-           f"ratio {estimate_bytes / max(peak, 1):.2f}); reserved {torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB")
+    estimate = "" if estimate_bytes is None else \
+        f" (estimated {estimate_bytes / 1e9:.2f} GB, ratio {estimate_bytes / max(peak, 1):.2f})"
+    print0(f"peak memory allocated: {peak / 1e9:.2f} GB{estimate}; "
+           f"reserved {torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB")
     return peak

@@ -20,19 +20,19 @@ import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
 from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, compute_init, first_error, get_base_dir, get_dist_info,
-                             peak_flops_per_second, print0, resolve_compile_mode, synchronize)
+                             broadcast_parameters, compile_model, compute_cleanup, compute_init, first_error,
+                             get_base_dir, get_dist_info, peak_flops_per_second, print0, resolve_compile_mode,
+                             synchronize)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
 from nanochat.engine import complete_greedy
 from nanochat.gpt import ATTENTION_VARIANTS, GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import log_peak_memory, planned_dtype, shards_needed, training_plan
+from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, shards_needed, training_plan
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
-DEFAULT_VOCAB_SIZE = 65536  # what speedrun.sh trains the tokenizer to; --dry-run plans with it before there is one
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "My favorite color is"]
 
@@ -143,12 +143,7 @@ def dry_run(args):
     """--dry-run: the plan for the given flags, on any machine (the model is built on the meta device)."""
     device_type = args.device_type or autodetect_device_type()
     world_size = args.world_size or get_dist_info()[3]
-    try:
-        vocab_size = get_tokenizer().get_vocab_size()
-    except FileNotFoundError:
-        vocab_size = DEFAULT_VOCAB_SIZE
-        print0(f"no tokenizer yet: planning with a vocabulary of {vocab_size:,}")
-    config = config_from_depth(args.depth, args.max_seq_len, vocab_size, args.attention, args.head_dim,
+    config = config_from_depth(args.depth, args.max_seq_len, planned_vocab_size(), args.attention, args.head_dim,
                                args.n_kv_head, args.kv_lora_rank)
     with torch.device("meta"):
         model = GPT(config)

@@ -19,6 +19,7 @@ from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, re
 from nanochat.common import (autocast_context, broadcast_parameters, compute_cleanup, compute_init, first_error,
                              get_base_dir, load_on_all_ranks, print0)
 from nanochat.engine import Engine
+from nanochat.memory import log_peak_memory
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
 from tasks.common import DatasetUnavailable
@@ -204,6 +205,8 @@ def main(argv=None):
         if is_ddp:
             torch.distributed.all_reduce(mean_reward, op=torch.distributed.ReduceOp.AVG)
         rewards_curve.append(float(mean_reward))
+        if step == start_step:
+            log_peak_memory(device)  # rollouts and the policy-gradient step have run once
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {float(mean_reward):.4f} | loss {loss:.4f} | "
                f"lrm {lrm:.3f} | eta {eta / 60:.1f} min")

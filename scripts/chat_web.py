@@ -38,7 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (non-loopback needs API keys)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", default=None, help="server config JSON (keys, rate limits, sampling bounds)")
-    p.add_argument("--num-gpus", type=int, default=None, help="replicas, one per GPU (default: 1 GPU if any, else CPU)")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="replicas, one worker process per GPU (default: 1 GPU if any, else CPU)")
+    p.add_argument("--cpu-workers", type=int, default=0,
+                   help="CPU: replicas in this many worker processes (default 0: one replica in the server process)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
     p.add_argument("--prefill-chunk-tokens", type=int, default=512,
@@ -63,6 +66,8 @@ def parse_args(argv=None):
         p.error("--cpu-threads must be >= 1")
     if args.num_gpus is not None and args.num_gpus < 1:
         p.error("--num-gpus must be >= 1")
+    if args.cpu_workers < 0:
+        p.error("--cpu-workers must be >= 0")
     if args.speculative_proposals < 0:
         p.error("--speculative-proposals must be >= 0")
     if args.speculative_proposals and not args.draft_model_tag:
@@ -95,7 +100,11 @@ def replica_devices(args):
     if device_type != "cuda":
         if args.num_gpus not in (None, 1):
             raise ValueError(f"--num-gpus {args.num_gpus} needs CUDA GPUs; this run uses {device_type}")
-        return [torch.device(device_type)]
+        if args.cpu_workers and device_type != "cpu":
+            raise ValueError(f"--cpu-workers runs replicas on the CPU; this run uses {device_type}")
+        return [torch.device(device_type)] * max(1, args.cpu_workers)
+    if args.cpu_workers:
+        raise ValueError("--cpu-workers is for CPU serving; on CUDA every GPU gets a worker process (--num-gpus)")
     available = torch.cuda.device_count()
     wanted = args.num_gpus or 1
     if wanted > available:
@@ -103,25 +112,48 @@ def replica_devices(args):
     return [torch.device("cuda", i) for i in range(wanted)]
 
 
-def build_schedulers(args, config, devices):
+def build_replicas(args, config, devices):
+    """
+    One replica per device, each with the config's request limits. On CUDA (and with --cpu-workers) each
+    runs in its own worker process, so replicas never share a GIL; otherwise the one replica runs in this
+    process, on a thread. Returns (started replicas, tokenizer).
+    """
+    if devices[0].type == "cuda" or args.cpu_workers:
+        from nanochat.serving.workers import WorkerReplica, default_cpu_threads
+        from nanochat.tokenizer import get_tokenizer
+        spec = dict(source=args.source, model_tag=args.model_tag, step=args.step, draft_model_tag=args.draft_model_tag,
+                    speculative_proposals=args.speculative_proposals, max_batch_size=args.max_batch_size,
+                    prefill_chunk_tokens=args.prefill_chunk_tokens,
+                    cpu_threads=args.cpu_threads or default_cpu_threads(len(devices)))
+        replicas = [WorkerReplica(dict(spec, name=f"replica-{i}", device=str(device)), config.max_concurrent_requests,
+                                  config.max_queued_requests) for i, device in enumerate(devices)]
+        for replica in replicas:  # every worker loads its model at the same time
+            replica.start()
+        try:
+            for replica in replicas:
+                replica.wait_ready()
+        except RuntimeError:
+            for replica in replicas:
+                replica.shutdown()
+            raise
+        return replicas, get_tokenizer()
+
     from nanochat.serving.scheduler import Scheduler
-    schedulers, tokenizer = [], None
-    for i, device in enumerate(devices):
-        model, tokenizer, _ = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
-        draft = None
-        if args.draft_model_tag == "ngram":
-            draft = "ngram"
-        elif args.draft_model_tag:
-            draft, _, _ = load_model(args.source, device, "eval", model_tag=args.draft_model_tag)
-        per_replica_requests = max(1, config.max_concurrent_requests // len(devices))
-        per_replica_queue = max(0, config.max_queued_requests // len(devices))
-        scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size,
-                              max_running_requests=per_replica_requests, max_queued_requests=per_replica_queue,
-                              draft=draft, speculative_proposals=args.speculative_proposals,
-                              prefill_chunk_tokens=args.prefill_chunk_tokens, name=f"replica-{i}")
-        scheduler.start()
-        schedulers.append(scheduler)
-    return schedulers, tokenizer
+    # The event loop (HTTP, SSE, tokenizer) needs a core of its own: torch threads spinning on every core
+    # slowed 16 streaming clients by ~25% on 2 cores (dev/bench_serve.py).
+    if devices[0].type == "cpu":
+        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+    model, tokenizer, _ = load_model(args.source, devices[0], "eval", model_tag=args.model_tag, step=args.step)
+    draft = args.draft_model_tag
+    if draft not in (None, "ngram"):
+        draft, _, _ = load_model(args.source, devices[0], "eval", model_tag=draft)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size,
+                          max_running_requests=config.max_concurrent_requests,
+                          max_queued_requests=config.max_queued_requests, draft=draft,
+                          speculative_proposals=args.speculative_proposals,
+                          prefill_chunk_tokens=args.prefill_chunk_tokens, name="replica-0")
+    scheduler.start()
+    return [scheduler], tokenizer
 
 
 def main(argv=None):
@@ -140,21 +172,18 @@ def main(argv=None):
                     f"{'only' if is_loopback(args.host) else '(--insecure)'}")
     try:
         devices = replica_devices(args)
-        if devices[0].type == "cpu":
-            # The event loop (HTTP, SSE, tokenizer) needs a core of its own: torch threads spinning on every
-            # core slowed 16 streaming clients by ~25% on 2 cores (dev/bench_serve.py).
-            torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source]))
-        schedulers, tokenizer = build_schedulers(args, config, devices)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        schedulers, tokenizer = build_replicas(args, config, devices)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
     import uvicorn
 
     from nanochat.serving.app import create_app
     app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}")
-    threads = f", {torch.get_num_threads()} torch threads" if devices[0].type == "cpu" else ""
-    log.info(f"serving {args.source}-{model_tag} on {len(devices)} replica(s) {[str(d) for d in devices]}{threads}, "
+    in_process = not hasattr(schedulers[0], "wait_ready")
+    where = f"in this process, {torch.get_num_threads()} torch threads" if in_process else "in worker processes"
+    log.info(f"serving {args.source}-{model_tag} on {len(devices)} replica(s) {[str(d) for d in devices]} ({where}), "
              f"max batch {args.max_batch_size}, speculative {args.speculative_proposals or 'off'}; "
              f"open http://{args.host}:{args.port}/")
     try:

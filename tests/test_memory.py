@@ -5,49 +5,9 @@ import json
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.memory import format_memory, shards_needed, training_memory
-from nanochat.optim import setup_optimizers
-
-
-def _tree(nodes):
-    for node in nodes:
-        yield node
-        yield from _tree(node.children)
-
-
-def peak_allocated_bytes(fn):
-    """Peak of the bytes allocated by fn() and still live, from the profiler's allocator events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [n for n in _tree(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_time_ns):
-        live += event.extra_fields.alloc_size
-        peak = max(peak, live)
-    return peak
-
-
-def training_steps(config, B, T, dtype, checkpointing):
-    """Build the model and optimizers, then two optimizer steps: the second accumulates two micro-batches, so
-    its second forward runs with gradients and optimizer state already allocated (the real peak)."""
-    torch.manual_seed(0)
-    x, y = torch.randint(0, config.vocab_size, (2, B, T)).unbind(0)
-    model = GPT(config)
-    model.init_weights()
-    model.enable_gradient_checkpointing(checkpointing)
-    optimizers = setup_optimizers(model)
-    for micro_steps in (1, 2):
-        for _ in range(micro_steps):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = model(x, y)
-            (loss / micro_steps).backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+from nanochat.memory import format_memory, measure_training_peak, shards_needed, training_memory
 
 
 FP32, BF16 = torch.float32, torch.bfloat16
@@ -65,10 +25,7 @@ def test_estimate_matches_what_the_cpu_allocates(case):
     n_layer, n_embd, n_head, n_kv_head, attention, vocab, B, T, checkpointing, dtype = case
     config = GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                        n_embd=n_embd, attention=attention)
-    measured = peak_allocated_bytes(lambda: training_steps(config, B, T, dtype, checkpointing))
-    with torch.device("meta"):
-        model = GPT(config)
-    model.enable_gradient_checkpointing(checkpointing)
+    measured, model = measure_training_peak(config, B, T, dtype, compiled=False, gradient_checkpointing=checkpointing)
     estimate = training_memory(model, B, T, world_size=1, dtype=dtype, compiled=False)
     ratio = estimate["total"] / measured
     print(f"measured {measured / 1e6:.1f} MB, estimated {estimate['total'] / 1e6:.1f} MB (ratio {ratio:.3f}): "

@@ -7,7 +7,8 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.serving.scheduler import Overloaded, Scheduler, Ticket
+from nanochat.serving.scheduler import Scheduler
+from nanochat.serving.tickets import Overloaded, Ticket
 from nanochat.tokenizer import RustBPETokenizer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]

@@ -44,7 +44,7 @@ from nanochat.serving.protocol import (
     validate_against_config,
 )
 from nanochat.serving.ratelimit import SlidingWindowRateLimiter, retry_after_header
-from nanochat.serving.scheduler import Overloaded, Ticket
+from nanochat.serving.tickets import Overloaded, Ticket
 from nanochat.serving.streaming import TextStream
 
 logger = logging.getLogger("nanochat.serving")
@@ -148,7 +148,8 @@ def _prepare_chat(state, body):
 
 def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
     ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed)
-    scheduler = min(state.schedulers, key=lambda s: s.load())  # the least busy replica
+    alive = [s for s in state.schedulers if s.alive] or state.schedulers  # a dead worker answers 503 itself
+    scheduler = min(alive, key=lambda s: s.load())  # the least busy replica
     try:
         scheduler.submit(ticket)
     except Overloaded as e:
@@ -204,7 +205,7 @@ async def _text_events(ticket, tokenizer, stop, request=None):
             if kind == "token":
                 piece, stopped = stream.add(value)
                 if stopped:  # the scheduler drops the row before its next step
-                    ticket.stop_row(row)
+                    ticket.scheduler.stop_row(ticket, row)
                     open_rows -= 1
                     updates.append((row, piece, "stop"))
                 elif piece:
@@ -262,8 +263,7 @@ class TicketStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.ticket.cancel()
-            self.ticket.scheduler.wake()
+            self.ticket.scheduler.cancel(self.ticket)
 
 
 # ---------------------------------------------------------------------------------------------- OpenAPI
@@ -383,9 +383,10 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
 
     @app.get("/health")
     async def health():
-        replicas = [{"name": s.name, "device": str(s.device), "running": s.rows_in_use(), "queued": s.queued()}
-                    for s in schedulers]
-        return {"status": "ok", "ready": True, "model": model_name, "replicas": replicas,
+        replicas = [{"name": s.name, "device": str(s.device), "pid": s.pid, "alive": s.alive, "running": s.rows_in_use(),
+                     "queued": s.queued(), "generated_tokens": s.counters["generated_tokens"]} for s in schedulers]
+        ready = all(r["alive"] for r in replicas)
+        return {"status": "ok" if ready else "degraded", "ready": ready, "model": model_name, "replicas": replicas,
                 "running": sum(r["running"] for r in replicas), "queued": sum(r["queued"] for r in replicas),
                 "auth": "on" if config.valid_api_keys else "off"}
 
@@ -499,8 +500,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
             _finish(ticket, meta, status if finish_reason or status != 200 else 499, finish_reason)
 
     def _finish(ticket, meta, status, finish):
-        ticket.cancel()  # a no-op for a finished ticket; frees the rows of one whose client left
-        ticket.scheduler.wake()
+        ticket.scheduler.cancel(ticket)  # a no-op for a finished ticket; frees the rows of one whose client left
         _record(state, meta["route"], meta["caller"], meta["request_id"], meta["arrived"], ticket,
                 meta["prompt_tokens"], status, finish)
 

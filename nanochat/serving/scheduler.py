@@ -14,12 +14,13 @@ Each row samples with its own request's temperature / top-k / top-p, and its req
 With speculative decoding on, a sequence running alone is decoded speculatively (its own caches); when
 another request arrives it rejoins the batch by prefilling its prompt plus what it has generated so far.
 
-The HTTP side never touches torch: it submits a Ticket and reads lists of events from the ticket's
-asyncio queue, filled by this thread through loop.call_soon_threadsafe, so generation never blocks the
-event loop. Events: ("token", row, token_id), ("finish", row, "stop"|"length"), ("error", None, message).
+The HTTP side never touches torch: it submits a Ticket (serving/tickets.py) and reads lists of events
+from the ticket's asyncio queue, filled by this thread through loop.call_soon_threadsafe, so generation
+never blocks the event loop. Events: ("token", row, token_id), ("finish", row, "stop"|"length"),
+("error", None, message). In a worker process (serving/workers.py) `deliver` sends each step's events
+through a pipe to the HTTP front instead.
 """
 
-import asyncio
 import logging
 import math
 import os
@@ -33,48 +34,9 @@ import torch
 from nanochat.common import autocast_context
 from nanochat.engine import Engine, KVCache, RowState
 from nanochat.sampling import process_logits, sample_from_probs
+from nanochat.serving.tickets import Overloaded, count_queued
 
 logger = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """Every slot is busy and the queue is full (HTTP 503); retry_after is in seconds."""
-
-    def __init__(self, retry_after):
-        super().__init__("the server is at capacity; retry later")
-        self.retry_after = retry_after
-
-
-class Ticket:
-    """One request: len(prompts) x num_samples rows (row = prompt_index * num_samples + sample)."""
-
-    def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, loop=None):
-        self.prompts, self.num_samples, self.max_tokens = prompts, num_samples, max_tokens
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.seed = None if seed is None else seed % 2**63  # any JSON integer -> a valid torch seed
-        self.num_rows = len(prompts) * num_samples
-        self.loop = loop or asyncio.get_running_loop()
-        self.events = asyncio.Queue()
-        self.cancelled = False  # the client went away: drop every row
-        self.stopped_rows = set()  # rows the client ended itself (a stop sequence matched)
-        self.generator = None  # the scheduler seeds one on the model's device when seed is given
-        self.rows_left = self.num_rows
-        self.started_at = None
-        self.first_event_at = None  # set by the HTTP side when the first events arrive (time to first token)
-        self.streams = []  # the HTTP side's TextStreams, one per row
-        self.scheduler = None
-
-    def cancel(self):
-        self.cancelled = True
-
-    def stop_row(self, row):
-        self.stopped_rows.add(row)
-
-    def send(self, events):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, events)
-        except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
-            pass
 
 
 class Row:
@@ -98,7 +60,7 @@ class Row:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size=32, max_running_requests=None, max_queued_requests=128,
                  draft=None, speculative_proposals=0, max_prefill_tokens=None, prefill_chunk_tokens=512,
-                 name="replica-0"):
+                 name="replica-0", deliver=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.engine = Engine(model, tokenizer, draft=draft)
         self.device = model.get_device()
@@ -123,6 +85,8 @@ class Scheduler:
         self.waiting = deque()  # submitted tickets not yet admitted
         self.running_tickets = set()
         self.outbox = defaultdict(list)  # ticket -> events of this step
+        # deliver(outbox) hands a step's events over: to each ticket's event loop here, through a pipe in a worker
+        self.deliver = deliver or (lambda outbox: [ticket.send(events) for ticket, events in outbox.items()])
         self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(7), "little"))
         self.seconds_per_request = 2.0  # running average, for Retry-After
         self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
@@ -141,6 +105,14 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
 
+    @property
+    def alive(self):
+        return self._thread.is_alive()
+
+    @property
+    def pid(self):
+        return os.getpid()  # the replica runs in the server's own process
+
     def rows_in_use(self):
         staged = len(self.staging["rows"]) if self.staging else 0
         return len(self.rows) + len(self.pending) + staged + (self.solo is not None)
@@ -153,16 +125,9 @@ class Scheduler:
     def queued(self, extra=None):
         """Waiting tickets that do not fit in the free capacity (first come first served), counting `extra` last."""
         with self._cond:
-            waiting = [*self.waiting, *([extra] if extra else [])]
-        free_rows = self.max_rows - self.rows_in_use()
-        free_requests = self.max_running_requests - len(self.running_tickets)
-        queued = 0
-        for ticket in waiting:
-            if queued == 0 and ticket.num_rows <= free_rows and free_requests > 0:
-                free_rows, free_requests = free_rows - ticket.num_rows, free_requests - 1
-            else:
-                queued += 1
-        return queued
+            waiting = [t.num_rows for t in [*self.waiting, *([extra] if extra else [])]]
+        return count_queued(waiting, self.max_rows - self.rows_in_use(),
+                            self.max_running_requests - len(self.running_tickets))
 
     def speculative_counts(self):
         """(drafted, accepted) tokens so far, including the speculative run in progress."""
@@ -187,6 +152,15 @@ class Scheduler:
         """A ticket was cancelled: let the thread drop its rows now even if it was idle."""
         with self._cond:
             self._cond.notify()
+
+    def cancel(self, ticket):
+        """The client went away (or the response ended): its rows leave before the next step."""
+        ticket.cancel()
+        self.wake()
+
+    def stop_row(self, ticket, row):
+        """The client ended one row itself (a stop sequence matched)."""
+        ticket.stop_row(row)
 
     # ------------------------------------------------------------------ the scheduler thread
 
@@ -432,8 +406,7 @@ class Scheduler:
     # ------------------------------------------------------------------ delivery and failure
 
     def _flush(self):
-        for ticket, events in self.outbox.items():
-            ticket.send(events)
+        self.deliver(self.outbox)  # also when empty: a worker reports its occupancy after every step
         self.outbox.clear()
 
     def _fail_all(self, message):
