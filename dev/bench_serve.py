@@ -44,8 +44,8 @@ ASKS = ["Tell me about {}.", "Write a short poem about {}.", "What do you know a
 PROMPTS = [ask.format(topic) for topic in TOPICS for ask in ASKS]
 
 
-def make_tiny_checkpoint(base_dir):
-    """Tokenizer + a random sft "d2" model whose replies practically never end before max_tokens."""
+def make_tiny_checkpoint(base_dir, n_layer=2, n_embd=32):
+    """Tokenizer + a random sft model whose replies practically never end before max_tokens."""
     import torch
 
     from nanochat.checkpoint_manager import save_checkpoint
@@ -55,7 +55,8 @@ def make_tiny_checkpoint(base_dir):
     tokenizer = RustBPETokenizer.train_from_iterator(iter(corpus), 320)
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=1024, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    config = GPTConfig(sequence_len=1024, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer, n_head=2, n_kv_head=2,
+                       n_embd=n_embd)
     model = GPT(config)
     model.init_weights()
     # Peaked logits, with the terminal tokens' pinned at 0 (zero weight rows), far below the top ones
@@ -63,7 +64,7 @@ def make_tiny_checkpoint(base_dir):
     with torch.no_grad():
         for token in (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")):
             model.lm_head.weight[token] = 0.0
-    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", f"d{n_layer}"), 1, model.state_dict(), None,
                     {"model_config": model.config_dict()})
 
 
@@ -255,7 +256,15 @@ async def benchmark(args, url, pid):
 
 
 def worker_scaling(args, base_dir, log_file):
-    """Aggregate tokens/s of 1 worker process at N clients and of 2 at 2N clients (all processes counted)."""
+    """
+    Aggregate tokens/s of 1 worker process at N clients and of 2 at 2N clients. Without --base-dir it serves
+    a model of --scaling-depth x --scaling-width: a decode step of the tiny model is all Python overhead, and
+    on 2 cores the front, the clients and two such workers just take turns; with a step that computes,
+    as on a GPU, the second worker brings its own core's work.
+    """
+    if not args.base_dir:
+        base_dir = os.path.join(base_dir, "scaling")
+        make_tiny_checkpoint(base_dir, args.scaling_depth, args.scaling_width)
     rows = []
     for workers in (1, 2):
         clients = args.scaling_clients * workers
@@ -289,6 +298,8 @@ def main():
     p.add_argument("--startup-timeout", type=float, default=180)
     p.add_argument("--scaling-clients", type=int, default=16,
                    help="worker scaling: N clients for 1 worker process, 2N for 2 (0: skip the stage)")
+    p.add_argument("--scaling-depth", type=int, default=4, help="worker scaling: layers of the temporary model")
+    p.add_argument("--scaling-width", type=int, default=512, help="worker scaling: width of the temporary model")
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.server_cpus = {int(x) for x in args.server_cpus.split(",")} if args.server_cpus else None
