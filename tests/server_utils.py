@@ -1,9 +1,12 @@
 """Start the real server (python -m scripts.chat_web) on a free loopback port with a tiny checkpoint."""
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -20,11 +23,25 @@ PROMPT = "hello, who are you?"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_made = {}  # (sequence_len, long_reply_tokens) -> a directory holding that checkpoint, made once per test session
+
+
 def make_chat_checkpoint(base_dir, sequence_len=1024, long_reply_tokens=1000):
     """
     Tokenizer + an sft "d2" checkpoint whose greedy reply to PROMPT runs at least long_reply_tokens
     without a terminal token (so tests can rely on long generations: disconnects, stop sequences).
+    Made once per session (a search over seeds takes seconds) and copied into base_dir after that.
     """
+    key = (sequence_len, long_reply_tokens)
+    if key not in _made:
+        _made[key] = tempfile.mkdtemp(prefix="chat_checkpoint_")
+        atexit.register(shutil.rmtree, _made[key], True)
+        _build_chat_checkpoint(_made[key], sequence_len, long_reply_tokens)
+    shutil.copytree(_made[key], base_dir, dirs_exist_ok=True)
+    return RustBPETokenizer.from_directory(os.path.join(base_dir, "tokenizer"))
+
+
+def _build_chat_checkpoint(base_dir, sequence_len, long_reply_tokens):
     tokenizer = RustBPETokenizer.train_from_iterator(iter(CORPUS), 320)
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": PROMPT},
@@ -50,7 +67,6 @@ def make_chat_checkpoint(base_dir, sequence_len=1024, long_reply_tokens=1000):
         raise RuntimeError("no seed gave a long varied greedy reply")
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
                     dict(model_config=model.config_dict()))
-    return tokenizer
 
 
 def free_port():
