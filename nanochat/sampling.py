@@ -3,7 +3,9 @@ The one place logits become a distribution.
 
 process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest set of
 the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
-greedy: a one-hot distribution on the argmax. Plain sampling and speculative verification both call it,
+greedy: a one-hot distribution on the argmax, and so does any temperature below GREEDY_BELOW_TEMPERATURE:
+logits divided by a float32 subnormal such as 1e-40 overflow to inf and the softmax turns to NaN, while
+at 1e-6 the distribution is already one-hot to float32 precision. Plain sampling and speculative verification both call it,
 so the draft's q and the target's p are processed identically, which exact speculative sampling needs.
 
 Parameters may be per row (tensors of shape (B,)) so one batch can serve requests with different settings.
@@ -15,6 +17,7 @@ import torch
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
 MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 / None = no top-k
 MIN_TOP_P, MAX_TOP_P = 0.0, 1.0  # top_p in (0, 1]; 1 / None = no nucleus
+GREEDY_BELOW_TEMPERATURE = 1e-6
 
 
 def validate_sampling_params(temperature=1.0, top_k=None, top_p=None, max_temperature=None, max_top_k=None):
@@ -46,8 +49,10 @@ def _as_column(value, B, default, dtype, device):
     return torch.full((B, 1), value, dtype=dtype, device=device)
 
 
-def _is_greedy_scalar(temperature):
-    return not isinstance(temperature, (list, tuple, torch.Tensor)) and temperature is not None and temperature <= 0
+def is_greedy(temperature):
+    """A scalar temperature that means greedy decoding (per-row values are never greedy as a whole)."""
+    return (not isinstance(temperature, (list, tuple, torch.Tensor)) and temperature is not None
+            and temperature < GREEDY_BELOW_TEMPERATURE)
 
 
 def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
@@ -57,10 +62,10 @@ def process_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """
     B, V = logits.shape
     logits = logits.float()
-    if _is_greedy_scalar(temperature):  # the common greedy case: no softmax, no sort
+    if is_greedy(temperature):  # the common greedy case: no softmax, no sort
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     temperature = _as_column(temperature, B, 1.0, torch.float32, logits.device)
-    greedy = temperature <= 0  # (B, 1)
+    greedy = temperature < GREEDY_BELOW_TEMPERATURE  # (B, 1)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
     use_top_p = top_p is not None and (isinstance(top_p, (list, tuple, torch.Tensor)) or top_p < 1.0)
     use_top_k = top_k is not None and (isinstance(top_k, (list, tuple, torch.Tensor)) or 0 < top_k < V)
@@ -105,6 +110,6 @@ def sample_from_probs(probs, generator=None):
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> (B, 1) token ids. Greedy (temperature 0 for all rows) is a plain argmax."""
-    if _is_greedy_scalar(temperature):
+    if is_greedy(temperature):
         return logits.argmax(dim=-1, keepdim=True)
     return sample_from_probs(process_logits(logits, temperature, top_k, top_p), generator)

@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 
 from nanochat.engine import KVCache, RowState
-from nanochat.sampling import process_logits, sample_from_probs
+from nanochat.sampling import is_greedy, process_logits, sample_from_probs
 
 ADAPTIVE_RULES = (None, "entropy", "acceptance")
 
@@ -177,8 +177,12 @@ def verify(p, drafts, q, generator, greedy=False):
 @torch.no_grad()
 def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, seed, gamma_max,
                          adaptive=None, gamma_min=1, entropy_ema=None, draft_cost=None, ngram_max_n=4,
-                         ngram_min_n=2, ngram_stop_when_unknown=True, ngram_filler_top_k=0):
-    """Engine.generate(..., speculative_num_tokens=γ): yields ([token], [mask]) one token at a time."""
+                         ngram_min_n=2, ngram_stop_when_unknown=True, ngram_filler_top_k=0, tool_state=None):
+    """
+    Engine.generate(..., speculative_num_tokens=γ): yields ([token], [mask]) one token at a time.
+    tool_state: the RowState of a sequence that has already generated part of its reply (a server
+    continuing it): its calculator state carries on here, and is exactly up to date after every yield.
+    """
     if adaptive not in ADAPTIVE_RULES:
         raise ValueError(f"adaptive must be one of {ADAPTIVE_RULES}, got {adaptive!r}")
     if not 1 <= gamma_min <= gamma_max:
@@ -187,7 +191,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
     device = model.get_device()
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    greedy = temperature == 0
+    greedy = is_greedy(temperature)
     capacity = len(prompt) + max_new + gamma_max + 1
     if engine.draft == "ngram":
         drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k)
@@ -200,7 +204,7 @@ def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, see
 
     target_cache = KVCache.for_model(model, 1, capacity)
     target_cached = 0
-    tokens, row = list(prompt), RowState(tokenizer)
+    tokens, row = list(prompt), RowState(tokenizer) if tool_state is None else tool_state
     stats = dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
                  position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
     engine.last_speculative_stats = stats

@@ -347,6 +347,67 @@ def test_32_concurrent_streams_all_complete(server):
     assert sum(finish == "length" for _, finish in results) >= 16
 
 
+def test_a_subnormal_temperature_harms_no_concurrent_stream(server, client):
+    """temperature=1e-40 overflowed logits / temperature: sampling raised and every stream of the batch failed."""
+    async def one(aclient, temperature, seed):
+        text, finish = "", None
+        stream = await aclient.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24,
+                                                       temperature=temperature, seed=seed, stream=True)
+        async for chunk in stream:  # the SDK raises on an error event
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(aclient, 1e-40 if i == 3 else 0.8, i) for i in range(8)))
+
+    results = asyncio.run(main())
+    assert [finish for _, finish in results] == ["length"] * 8
+    greedy = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24, temperature=0)
+    assert results[3][0] == greedy.choices[0].message.content
+
+
+def test_huge_stop_sequences_are_refused(server):
+    """Four 200,000-character stops with n=16 used to stall the event loop for seconds on every token."""
+    body = {"model": "sft-d2", "messages": USER, "n": 16, "max_tokens": 64, "stop": ["x" * 200_000] * 4}
+    assert error_of(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30), 400)["param"] == "stop"
+    assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "ok"
+
+
+def test_a_chunked_body_is_refused_at_the_limit(server):
+    """A chunked upload (no Content-Length) used to be read whole, however big, before the 1 MiB check."""
+    import socket
+    chunk = b"x" * 65536
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(17):  # just past 1 MiB, and the body never ends: the answer must not wait for its end
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        response = b""
+        while b"request_too_large" not in response and (data := sock.recv(65536)):
+            response += data
+    assert response.startswith(b"HTTP/1.1 413") and b"request_too_large" in response
+
+
+@pytest.mark.parametrize("body", [b"[" * 5000 + b"]" * 5000, b'{"messages": ' + b"[" * 1200 + b"]" * 1200 + b"}",
+                                  b'{"model": "sft-d2", "max_tokens": ' + b"9" * 5000 + b"}"])
+def test_deep_nesting_and_huge_integers_are_400(server, body):
+    """JSON nested 1,000+ levels (RecursionError) and 5,000-digit integers used to give 500 and a traceback."""
+    seen = len(server.log())
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert error_of(r, 400)["message"]
+    assert "Traceback" not in server.log()[seen:]
+
+
+def test_the_ui_route_refuses_several_replies(server):
+    """Its events carry no row index: with n > 1 every reply used to be interleaved into one stream."""
+    body = {"messages": USER, "n": 2, "max_tokens": 4}
+    assert error_of(httpx.post(server.url + "/chat/completions", json=body, timeout=30), 400)["param"] == "n"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def run_cli(base_dir, *args, env=None):
@@ -366,6 +427,9 @@ def test_refuses_public_host_without_keys(base_dir, tmp_path):
     assert result.returncode != 0 and "max_temperature" in result.stderr
     result = run_cli(base_dir[0], "--num-gpus", "2", "--device-type", "cpu")
     assert result.returncode != 0 and "CUDA" in result.stderr
+    # a non-ASCII key could never authenticate (headers arrive Latin-1 decoded): refused at start-up
+    result = run_cli(base_dir[0], env={"NANOCHAT_API_KEYS": "nc-schlüssel-4f9a8b7c6d5e4f3a"})
+    assert result.returncode != 0 and "printable ASCII" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_speculative_server_is_exact(base_dir, server):

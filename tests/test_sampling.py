@@ -22,6 +22,15 @@ def test_temperature_zero_is_argmax_one_hot():
     assert torch.equal(probs.sum(-1), torch.ones(4)) and (probs.max(-1).values == 1).all()
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 1e-7])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    """logits / 1e-40 overflows float32 (the softmax turns to NaN and sampling raises): such rows are greedy."""
+    logits = torch.randn(3, 30) * 10
+    for probs in (process_logits(logits, temperature), process_logits(logits, [temperature, 0.5, 1.0], [0, 5, 0], [1.0, 0.9, 0.5])):
+        assert torch.isfinite(probs).all() and torch.equal(probs[0].argmax(), logits[0].argmax()) and probs[0].max() == 1
+    assert torch.equal(sample_next_token(logits, None, temperature), logits.argmax(-1, keepdim=True))
+
+
 def test_temperature_scales_logits():
     logits = torch.randn(2, 20)
     assert torch.allclose(process_logits(logits, 0.5), torch.softmax(logits / 0.5, -1), atol=1e-6)

@@ -103,7 +103,7 @@ def test_env_override_validated_too():
 
 
 @pytest.mark.parametrize("key", ["short", "changeme", "your-api-key", "YOUR-API-KEY-HERE-0000", "x" * 20,
-                                 "changeme-changeme-1", " " + GOOD_KEY, ""])
+                                 "changeme-changeme-1", " " + GOOD_KEY, "", "nc-schlüssel-4f9a8b7c6d5e", "nc 4f9a8b7c6d5e4f3a2b1c"])
 def test_weak_or_placeholder_keys_rejected(tmp_path, key):
     with pytest.raises(ValueError, match=r"valid_api_keys\[0\]"):
         load_config(write(tmp_path, {"valid_api_keys": [key]}), env={})

@@ -53,12 +53,12 @@ def test_bad_content_names_field(content):
     assert e.param == "messages[2].content" and "messages[2].content" in e.message
 
 
-@pytest.mark.parametrize("stop", ["###", ["a"], ["a", "b", "c", "d"]])
+@pytest.mark.parametrize("stop", ["###", ["a"], ["a", "b", "c", "d"], "x" * 256])
 def test_stop_accepted(stop):
     assert parse_request(req(stop=stop)).stop == stop
 
 
-@pytest.mark.parametrize("stop", ["", ["a", ""], ["a", "b", "c", "d", "e"], [1], 3])
+@pytest.mark.parametrize("stop", ["", ["a", ""], ["a", "b", "c", "d", "e"], [1], 3, "x" * 257, ["a", "x" * 257]])
 def test_stop_rejected(stop):
     assert rejected(req(stop=stop)).param == "stop"
 

@@ -81,7 +81,7 @@ def test_staggered_requests_match_engine_greedy(model, tokenizer):
     for p, (tokens, finish) in zip(ps, results):
         assert tokens[0] == greedy_reference(model, tokenizer, p, 20)
         assert finish[0] in ("stop", "length")
-    assert scheduler.counters["decode_steps"] > 0 and scheduler.rows == [] and scheduler.running_tickets == set()
+    assert scheduler.counters["decode_steps"] > 0 and scheduler.running == [] and scheduler.prefilling == [] and scheduler.running_tickets == set()
 
 
 def test_mixed_sampling_settings_in_one_batch(model, tokenizer):
@@ -296,3 +296,52 @@ def test_kv_cache_is_in_the_compute_dtype(model, tokenizer, monkeypatch):
 
     tokens, finish = run(scheduler, main())
     assert [len(t) for t in tokens] == [10, 10] and finish == ["length", "length"]
+
+
+def test_a_subnormal_temperature_is_greedy_and_harms_no_one(model, tokenizer):
+    """A float32 subnormal temperature overflowed logits / temperature: sampling raised and failed every row of
+    the batch (1e-45, the smallest: this model's logits are small, under 0.03)."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    p, others = prompts(1, seed=14)[0], prompts(3, seed=15)
+
+    async def main():
+        tiny = Ticket([p], 2, 16, 1e-45, None, None)
+        hot = [Ticket([q], 1, 16, 0.9, 20, 0.95) for q in others]
+        for t in [hot[0], tiny, *hot[1:]]:
+            scheduler.submit(t)
+        return await collect(tiny), [await collect(t) for t in hot]
+
+    (tokens, _), hot_results = run(scheduler, main())
+    assert tokens == [greedy_reference(model, tokenizer, p, 16)] * 2
+    assert all(len(t[0]) == 16 or f[0] == "stop" for t, f in hot_results)
+
+
+def test_a_failing_sequence_ends_only_its_own_request(model, tokenizer):
+    """An exception while processing one sequence's token: its request gets an error event, the rest go on exactly."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    ps = prompts(3, seed=16)
+
+    async def main():
+        tickets = [Ticket([q], 1, 20, 0.0, None, None) for q in ps]
+        bad = Ticket([ps[0]], 2, 20, 0.0, None, None)
+        for t in [tickets[0], bad, *tickets[1:]]:
+            scheduler.submit(t)
+        tool, calls = bad.sequences[1].tool, []
+
+        def next_then_fail(token):
+            calls.append(token)
+            if len(calls) == 5:
+                raise RuntimeError("injected")
+            return type(tool).next(tool, token)
+        tool.next = next_then_fail
+        events = []
+        while not any(kind == "error" for kind, _, _ in events):
+            events += await asyncio.wait_for(bad.events.get(), 30)
+        return [await collect(t) for t in tickets], events
+
+    results, bad_events = run(scheduler, main())
+    assert bad_events[-1] == ("error", None, "generation failed: RuntimeError")
+    assert sum(kind == "token" and row == 1 for kind, row, _ in bad_events) == 4
+    for q, (tokens, _) in zip(ps, results):
+        assert tokens[0] == greedy_reference(model, tokenizer, q, 20)
+    assert scheduler.rows_in_use() == 0 and scheduler.running_tickets == set()

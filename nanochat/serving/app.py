@@ -99,16 +99,24 @@ def _authorize(state, request):
 
 
 async def _read_json(request):
+    """The request's JSON body, read only up to MAX_BODY_BYTES (also when it arrives chunked, without a length)."""
+    too_large = APIError(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(400, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(400, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON") from None
+    except ValueError:  # Python refuses to read integers of more than 4300 digits
+        raise APIError(400, "request body has an integer of more than 4300 digits") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
 
 
 def _bad_request(e):
@@ -301,7 +309,7 @@ def _state_limits(components, config, max_batch_size):
 def _openapi_docs(components, config, max_batch_size):
     """requestBody / responses for routes that read the raw body (so our own validation gives the errors)."""
     error = {"description": "error", "content": {"application/json": {"schema": _component_ref(components, ErrorResponse)}}}
-    errors = {str(code): error for code in (400, 401, 404, 429, 503)}
+    errors = {str(code): error for code in (400, 401, 404, 413, 429, 503)}
     # one parsed SSE event per item (OpenAPI 3.1 tools read `schema` as the per-event schema); data is JSON text
     sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
         "data": {"type": "string", "contentMediaType": "application/json"}}}}}
@@ -415,6 +423,9 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
         arrived = time.monotonic()
         caller = _authorize(state, request)
         req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(request))
+        if not openai_format and req.n != 1:  # its token events carry no row: replies would interleave
+            raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
+                           param="n", code="invalid_value")
         ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         meta = dict(route=route, caller=caller, request_id=request_id, arrived=arrived, prompt_tokens=len(prompt))

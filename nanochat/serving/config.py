@@ -134,6 +134,9 @@ def validate_config(config):
         if key.strip() != key or len(key) < MIN_API_KEY_CHARS:
             raise ValueError(f"config: valid_api_keys[{i}] must be a string of >= {MIN_API_KEY_CHARS} characters "
                              "without surrounding whitespace")
+        if not all("!" <= c <= "~" for c in key):  # what an Authorization header carries intact
+            raise ValueError(f"config: valid_api_keys[{i}] must be printable ASCII without spaces: clients send the "
+                             "Authorization header as ASCII bytes (read back as Latin-1), so such a key could never match")
     return config
 
 

@@ -24,6 +24,9 @@ from nanochat.sampling import validate_sampling_params
 
 StrictFloat = Annotated[float, Field(strict=True)]  # strict float still accepts ints, but not "0.5" or true
 MAX_STOP_SEQUENCES = 4
+# Checking a reply for stop sequences costs O(length of the longest) per token (serving/streaming.py):
+# bounded here, so four huge stops x n rows cannot stall the event loop.
+MAX_STOP_CHARS = 256
 MAX_N = 16
 
 
@@ -87,8 +90,8 @@ def _must_be(value, allowed, field):
 
 # The OpenAPI schema states what the validators below enforce, so generated clients and fuzzers see the
 # real contract (the models' own types are looser so that our validators can give the clearer message).
-STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
-                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_SEQUENCES},
+STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+STOP_SCHEMA = {"anyOf": [STOP_STRING, {"type": "array", "items": STOP_STRING, "maxItems": MAX_STOP_SEQUENCES},
                          {"type": "null"}]}
 ZERO_ONLY = {"anyOf": [{"const": 0}, {"type": "null"}]}
 TEXT_FORMAT_ONLY = {"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
@@ -106,6 +109,8 @@ def _check_stop_value(value):
         raise ValueError("stop must not be an empty string")
     elif value is not None and not isinstance(value, str):
         raise ValueError("stop must be a string or a list of strings")
+    if any(len(s) > MAX_STOP_CHARS for s in ([value] if isinstance(value, str) else value or [])):
+        raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters long")
     return value
 
 

@@ -1,18 +1,26 @@
 """
 Continuous batching: one Scheduler, with its own thread, per model replica.
 
-Every running sequence ("row") owns one slot of a KV cache preallocated for max_batch_size rows x the
-model's context. Running rows stay packed in slots 0..n-1, so a decode step is one forward over the view
-kv_cache[0:n] with each row's latest token, (n, 1). Between steps:
-- rows that finished, used up their token budget, or whose client went away leave at once; the last
-  running row is copied into the freed slot (one row copy) to keep the rows packed;
-- waiting requests join: their prompts are prefilled together into the next free slots, and a request's
-  extra samples (n > 1) copy its prefilled slot instead of recomputing it. A prompt longer than
-  prefill_chunk_tokens is staged in the last slot and read one chunk per step, so it never stalls the
-  running streams for more than one chunk's forward.
-Each row samples with its own request's temperature / top-k / top-p, and its request's seeded generator.
-With speculative decoding on, a sequence running alone is decoded speculatively (its own caches); when
-another request arrives it rejoins the batch by prefilling its prompt plus what it has generated so far.
+A request (Ticket) has len(prompts) x num_samples sequences. Each Sequence has a status and sits in the
+queue of that status; a request waits as a whole until there are batch rows for all its sequences:
+
+    waiting --admit--> prefilling --prefill done--> running --finish/stop/cancel--> finished
+
+The KV cache is preallocated for max_batch_size rows x the model's context; a prefilling or running
+sequence owns one row ("slot"). Running sequences stay packed in slots 0..n-1 (running[j] is in slot j),
+so a decode step is one forward over the view kv_cache[0:n] with each sequence's latest token, (n, 1);
+when one finishes, the last running sequence moves into its slot (one row copy). A prompt up to
+prefill_chunk_tokens long is prefilled in one step straight into the slot after the running ones,
+together with the other short prompts of that step. A longer one is read one chunk per step in the last
+slot (one such prompt at a time) and then copied down, so it never stalls the running streams for more
+than one chunk's forward. The later samples of a prompt (n > 1) wait, prefilling, for the first: they
+copy its slot instead of recomputing it.
+
+Each sequence samples with its request's temperature / top-k / top-p and its request's seeded generator.
+A failure while sampling or emitting one sequence's token ends only that sequence's request (an error
+event); a failed forward ends the requests in that forward. With speculative decoding on, a sequence
+running alone is decoded speculatively (the engine keeps its own caches and drives the same calculator
+state); when another request arrives it goes back to prefilling, with its prompt plus what it generated.
 
 The HTTP side never touches torch: it submits a Ticket (serving/tickets.py) and reads lists of events
 from the ticket's asyncio queue, filled by this thread through loop.call_soon_threadsafe, so generation
@@ -38,17 +46,25 @@ from nanochat.serving.tickets import Overloaded, count_queued
 
 logger = logging.getLogger(__name__)
 
+WAITING, PREFILLING, RUNNING, FINISHED = "waiting", "prefilling", "running", "finished"
 
-class Row:
-    """One generated sequence. Invariant while batched: its slot caches prompt + generated[:-1]."""
 
-    def __init__(self, ticket, index, tokenizer):
+class Sequence:
+    """
+    Row `index` of a ticket. While prefilling or running it owns KV cache row `slot`; the slot holds the
+    first `cached` tokens of context() (while running: all but the last generated token, fed next step).
+    """
+
+    def __init__(self, ticket, index, tokenizer, context_len):
         self.ticket, self.index = ticket, index
         self.prompt = ticket.prompts[index // ticket.num_samples]
-        self.state = RowState(tokenizer)  # calculator tool state; done once a terminal token is sampled
         self.generated = []
-        self.max_new = None  # set by the scheduler from the context left
-        self.speculative = None  # the speculative token iterator while this row runs alone
+        self.tool = RowState(tokenizer)  # the calculator; done once a terminal token is emitted
+        self.max_new = min(ticket.max_tokens, context_len - len(self.prompt))
+        self.status = WAITING
+        self.slot, self.cached = None, 0
+        self.leader = None  # an earlier sample of the same prompt whose prefilled slot this one copies
+        self.speculative = None  # the engine's token iterator while this sequence runs alone
 
     def context(self):
         return self.prompt + self.generated
@@ -78,11 +94,9 @@ class Scheduler:
         cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache.tensors.values())
         logger.info(f"{name}: KV cache {max_batch_size} rows x {self.context_len} tokens = {cache_bytes / 2**30:.2f} GiB "
                     f"on {self.device} (lower --max-batch-size to use less)")
-        self.rows = []  # running rows; rows[j] lives in kv_cache slot j
-        self.pending = []  # admitted rows waiting for their prefill
-        self.solo = None  # the row being decoded speculatively, if any
-        self.staging = None  # a long context being prefilled chunk by chunk: {"rows", "slot", "done"}
-        self.waiting = deque()  # submitted tickets not yet admitted
+        self.waiting = deque()  # tickets not admitted yet, first come first served
+        self.prefilling = []  # admitted sequences whose context is not (all) in their slot yet
+        self.running = []  # running[j] is in slot j
         self.running_tickets = set()
         self.outbox = defaultdict(list)  # ticket -> events of this step
         # deliver(outbox) hands a step's events over: to each ticket's event loop here, through a pipe in a worker
@@ -113,9 +127,13 @@ class Scheduler:
     def pid(self):
         return os.getpid()  # the replica runs in the server's own process
 
+    @property
+    def solo(self):
+        """The sequence being decoded speculatively, if any."""
+        return next((s for s in self.running if s.speculative is not None), None)
+
     def rows_in_use(self):
-        staged = len(self.staging["rows"]) if self.staging else 0
-        return len(self.rows) + len(self.pending) + staged + (self.solo is not None)
+        return len(self.running) + len(self.prefilling)
 
     def load(self):
         """Rows running or waiting: where the next request should go (fewest first)."""
@@ -145,16 +163,17 @@ class Scheduler:
             if self.queued(extra=ticket) > self.max_queued_requests:
                 wait = self.seconds_per_request * (self.queued() + 1) / self.max_running_requests
                 raise Overloaded(max(1.0, math.ceil(wait)))
+            ticket.sequences = [Sequence(ticket, i, self.tokenizer, self.context_len) for i in range(ticket.num_rows)]
             self.waiting.append(ticket)
             self._cond.notify()
 
     def wake(self):
-        """A ticket was cancelled: let the thread drop its rows now even if it was idle."""
+        """A ticket was cancelled: let the thread drop its sequences now even if it was idle."""
         with self._cond:
             self._cond.notify()
 
     def cancel(self, ticket):
-        """The client went away (or the response ended): its rows leave before the next step."""
+        """The client went away (or the response ended): its sequences leave before the next step."""
         ticket.cancel()
         self.wake()
 
@@ -167,39 +186,43 @@ class Scheduler:
     def _run(self):
         while True:
             with self._cond:
-                while not self._stopping and not (self.rows or self.pending or self.staging or self.solo or self.waiting):
+                while not self._stopping and not (self.running or self.prefilling or self.waiting):
                     self._cond.wait()
                 if self._stopping:
                     return
             try:
                 with torch.inference_mode(), self.autocast:
                     self._step()
-            except Exception as e:  # a bug or out-of-memory must not kill the replica: fail the batch, go on
-                logger.exception(f"{self.name}: generation step failed")
-                self._fail_all(f"generation failed: {type(e).__name__}")
+            except Exception as e:  # a bug outside any one forward: fail what is in flight, keep the replica
+                logger.exception(f"{self.name}: scheduler step failed")
+                self._fail({s.ticket for s in self.running + self.prefilling}, f"generation failed: {type(e).__name__}")
             self._flush()
 
     def _step(self):
-        self._drop_rows([r for r in self._all_rows() if r.dropped()])
+        self._finish([s for s in self.running + self.prefilling if s.dropped()])
         self._admit()
+        solo = self.solo
+        if solo is not None and (self.waiting or self.rows_in_use() > 1):  # someone else arrived: rejoin
+            self._end_speculation(solo)
+            self._finish([solo], rejoin=True)
         if self._can_speculate():
-            self._speculative_step()
+            self._guarded([*self.running, *self.prefilling], self._speculative_step)
             return
-        if self.solo is not None:  # someone else arrived: the solo row rejoins the batch
-            self._end_speculation(self.solo)
-            self.pending.append(self.solo)
-            self.solo = None
-        if self.pending or self.staging:
+        if self.prefilling:
             self._prefill()
-        if self.rows:
-            self._decode()
+        if self.running:
+            self._guarded(list(self.running), self._decode)
 
-    def _all_rows(self):
-        staged = self.staging["rows"] if self.staging else []
-        return self.rows + self.pending + staged + ([self.solo] if self.solo is not None else [])
+    def _guarded(self, sequences, work, *args):
+        """Run one forward's work; if it raises, only the requests of `sequences` fail (the replica goes on)."""
+        try:
+            work(*args)
+        except Exception as e:  # out of memory, a bug: those requests get an error event
+            logger.exception(f"{self.name}: generation failed for {len(sequences)} sequence(s)")
+            self._fail({s.ticket for s in sequences}, f"generation failed: {type(e).__name__}")
 
     def _admit(self):
-        """Waiting tickets -> pending rows, first come first served, while slots and request slots last."""
+        """Waiting tickets -> prefilling sequences, first come first served, while rows and request slots last."""
         with self._cond:
             while self.waiting:
                 ticket = self.waiting[0]
@@ -214,203 +237,249 @@ class Scheduler:
                 ticket.started_at = time.monotonic()
                 if ticket.seed is not None:
                     ticket.generator = torch.Generator(device=self.device).manual_seed(ticket.seed)
-                for index in range(ticket.num_rows):
-                    row = Row(ticket, index, self.tokenizer)
-                    row.max_new = min(ticket.max_tokens, self.context_len - len(row.prompt))
-                    self.pending.append(row)
+                for seq in ticket.sequences:
+                    seq.status = PREFILLING
+                    if seq.index % ticket.num_samples:  # later samples copy the first one's prefill
+                        seq.leader = ticket.sequences[seq.index - seq.index % ticket.num_samples]
+                self.prefilling += ticket.sequences
+
+    # ------------------------------------------------------------------ prefill
 
     def _prefill(self):
-        """
-        Prefill pending rows into the slots after the running ones; a prompt's samples share one prefill.
-        A context longer than prefill_chunk_tokens is staged instead: prefilled one chunk per step in the
-        last slot, so running streams keep getting a token every step while a long prompt is read.
-        """
-        groups = defaultdict(list)  # fresh samples of one prompt share a prefill; a rejoining row has its own
-        for row in self.pending:
-            key = (id(row.ticket), row.index // row.ticket.num_samples) if not row.generated else id(row)
-            groups[key].append(row)
-        chosen, longest = [], 0
-        for group in groups.values():
-            length = len(group[0].context())
-            if length > self.prefill_chunk_tokens:
-                if self.staging is None:
-                    self.staging = {"rows": group, "slot": self.max_rows - 1, "done": 0}
-                    self._take_pending(group)
+        """The chunked prefill advances one chunk; short contexts are prefilled whole, as many as the budget allows."""
+        chunked = next((s for s in self.prefilling if s.slot is not None), None)
+        short, longest = [], 0
+        for seq in self.prefilling:
+            if seq.leader is not None or seq is chunked:
                 continue
-            if chosen and (len(chosen) + 1) * max(longest, length) > self.max_prefill_tokens:
+            length = len(seq.context())
+            if length > self.prefill_chunk_tokens:
+                if chunked is None:  # one long context at a time, in the last slot
+                    chunked, seq.slot, seq.cached = seq, self.max_rows - 1, 0
+                continue
+            if short and (len(short) + 1) * max(longest, length) > self.max_prefill_tokens:
                 break
-            chosen.append(group)
+            short.append(seq)
             longest = max(longest, length)
-        if self.staging is not None:
-            self._advance_staging()
-        if chosen:
-            self._prefill_batch(chosen, longest)
+        if chunked is not None:
+            self._guarded([chunked, *self._followers(chunked)], self._prefill_chunk, chunked)
+        if short:
+            self._guarded([*short, *(f for s in short for f in self._followers(s))], self._prefill_short, short, longest)
 
-    def _take_pending(self, rows):
-        taken = {id(r) for r in rows}
-        self.pending = [r for r in self.pending if id(r) not in taken]
+    def _followers(self, leader):
+        return [s for s in self.prefilling if s.leader is leader]
 
-    def _join(self, group, source_slot):
-        """A prefilled group's rows take the next running slots, copies of source_slot."""
-        for row in group:
-            if source_slot != len(self.rows):
-                self.kv_cache.copy_row(source_slot, len(self.rows))
-            self.rows.append(row)
+    def _prefill_chunk(self, seq):
+        """One chunk of a long context into its slot; when it is all in, it starts running."""
+        context = seq.context()
+        view = self.kv_cache.view(seq.slot, seq.slot + 1)
+        if seq.cached == 0:
+            view.reset()
+        chunk = context[seq.cached:seq.cached + self.prefill_chunk_tokens]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=view, logits_at=torch.tensor([len(chunk) - 1], device=self.device))[:, 0]
+        seq.cached += len(chunk)
+        self.counters["prefill_tokens"] += len(chunk)
+        if seq.cached == len(context):
+            self._start_running([seq], logits)
 
-    def _prefill_batch(self, chosen, longest):
-        contexts = [group[0].context() for group in chosen]
+    def _prefill_short(self, leaders, longest):
+        """Whole contexts, right-padded to the longest, straight into the slots after the running sequences."""
+        contexts = [seq.context() for seq in leaders]
         lengths = [len(c) for c in contexts]
-        start = len(self.rows)
-        view = self.kv_cache.view(start, start + len(chosen))
-        view.reset()  # the slots may hold a departed row's length
+        start = len(self.running)
+        view = self.kv_cache.view(start, start + len(leaders))
+        view.reset()  # the slots may hold a departed sequence's length
         pad = self.tokenizer.get_pad_token_id()
         ids = torch.tensor([c + [pad] * (longest - len(c)) for c in contexts], dtype=torch.long, device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (groups, V)
+        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (leaders, V)
         view.set_lengths(lengths)  # right padding sits past each row's length: never attended, overwritten later
         self.counters["prefill_tokens"] += sum(lengths)
-        # leaders first (they are in their slots already), then the extra samples copy their leader's slot
-        self.rows.extend(group[0] for group in chosen)
-        for g, group in enumerate(chosen):
-            self._join(group[1:], start + g)
-        new_rows = [group[0] for group in chosen] + [row for group in chosen for row in group[1:]]
-        logit_rows = list(range(len(chosen))) + [g for g, group in enumerate(chosen) for _ in group[1:]]
-        self._take_pending(new_rows)
-        self._sample_and_emit(new_rows, logits[logit_rows])
+        for i, seq in enumerate(leaders):
+            seq.slot, seq.cached = start + i, lengths[i]
+        self._start_running(leaders, logits)
 
-    def _advance_staging(self):
-        """One chunk of the staged context; when it is all in, the group joins the running rows."""
-        staging = self.staging
-        context = staging["rows"][0].context()
-        view = self.kv_cache.view(staging["slot"], staging["slot"] + 1)
-        if staging["done"] == 0:
-            view.reset()
-        chunk = context[staging["done"]:staging["done"] + self.prefill_chunk_tokens]
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=view, logits_at=torch.tensor([len(chunk) - 1], device=self.device))[:, 0]
-        staging["done"] += len(chunk)
-        self.counters["prefill_tokens"] += len(chunk)
-        if staging["done"] < len(context):
-            return
-        self.staging = None
-        self._join(staging["rows"], staging["slot"])
-        self._sample_and_emit(staging["rows"], logits.expand(len(staging["rows"]), -1))
+    def _start_running(self, leaders, logits):
+        """
+        Prefilled leaders take the next running slots (a chunked one is copied down; the short ones are there
+        already), then their followers take copies; each samples its first token from its leader's logits.
+        """
+        joined, logit_rows = [], []
+        for i, seq in enumerate(leaders):
+            self._append_running(seq, seq.slot)
+            joined.append(seq)
+            logit_rows.append(i)
+        for i, seq in enumerate(leaders):
+            for follower in self._followers(seq):
+                self._append_running(follower, seq.slot)
+                joined.append(follower)
+                logit_rows.append(i)
+        taken = set(map(id, joined))
+        self.prefilling = [s for s in self.prefilling if id(s) not in taken]
+        self._sample_and_emit(joined, logits[logit_rows])
+
+    def _append_running(self, seq, source_slot):
+        slot = len(self.running)
+        if source_slot != slot:
+            self.kv_cache.copy_row(source_slot, slot)
+        seq.slot, seq.cached, seq.status, seq.leader = slot, len(seq.context()), RUNNING, None
+        self.running.append(seq)
+
+    # ------------------------------------------------------------------ decode and emission
 
     def _decode(self):
-        ids = torch.tensor([[row.generated[-1]] for row in self.rows], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=self.kv_cache.view(0, len(self.rows)))[:, -1]  # (n, V)
+        ids = torch.tensor([[seq.generated[-1]] for seq in self.running], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=self.kv_cache.view(0, len(self.running)))[:, -1]  # (n, V)
         self.counters["decode_steps"] += 1
-        self._sample_and_emit(list(self.rows), logits)
+        self._sample_and_emit(list(self.running), logits)
 
-    def _sample_and_emit(self, rows, logits):
-        """Sample one token per row with that row's settings, emit it, and retire finished rows."""
-        settings = [(r.ticket.temperature, r.ticket.top_k, r.ticket.top_p) for r in rows]
+    def _sample_and_emit(self, sequences, logits):
+        """One token per sequence with its request's settings; a sequence that cannot be sampled fails alone."""
+        tokens = self._sample(sequences, logits)
+        failed, finished = {}, []  # failed: ticket -> error message
+        for seq, token in zip(sequences, tokens):
+            if seq.ticket in failed:
+                continue
+            try:
+                if token is None:
+                    raise RuntimeError("sampling failed")
+                token, _ = seq.tool.next(token)  # the calculator may replace it with forced output
+                if self._emit(seq, token):
+                    finished.append(seq)
+            except Exception as e:
+                logger.exception(f"{self.name}: sequence {seq.index} of a request failed")
+                failed[seq.ticket] = f"generation failed: {type(e).__name__}"
+        self._finish(finished)
+        for ticket, message in failed.items():
+            self._fail({ticket}, message)
+
+    def _sample(self, sequences, logits):
+        """Sampled token ids, None for a sequence whose sampling raised (every other one still gets its token)."""
+        try:
+            return self._sample_rows(sequences, logits)
+        except Exception:  # find the culprit(s): sample each sequence on its own
+            tokens = []
+            for j, seq in enumerate(sequences):
+                try:
+                    tokens += self._sample_rows([seq], logits[j:j + 1])
+                except Exception:
+                    tokens.append(None)
+            return tokens
+
+    def _sample_rows(self, sequences, logits):
+        settings = [(s.ticket.temperature, s.ticket.top_k, s.ticket.top_p) for s in sequences]
         if len(set(settings)) == 1:
             probs = process_logits(logits, *settings[0])
         else:
             probs = process_logits(logits, *map(list, zip(*settings)))
-        sampled = [0] * len(rows)
+        tokens = [0] * len(sequences)
         by_generator = defaultdict(list)  # seeded requests draw from their own generator, the rest share one
-        for j, row in enumerate(rows):
-            by_generator[row.ticket.generator or self.generator].append(j)
+        for j, seq in enumerate(sequences):
+            by_generator[seq.ticket.generator or self.generator].append(j)
         for generator, js in by_generator.items():
-            tokens = sample_from_probs(probs[js], generator)[:, 0].tolist()
-            for j, token in zip(js, tokens):
-                sampled[j] = token
-        finished = [row for row, token in zip(rows, sampled) if self._emit(row, token)]
-        self._drop_rows(finished)
+            for j, token in zip(js, sample_from_probs(probs[js], generator)[:, 0].tolist()):
+                tokens[j] = token
+        return tokens
 
-    def _emit(self, row, sampled):
-        """Feed one token to the row (the tool may override it); returns True when the row has finished."""
-        token, _ = row.state.next(sampled)
-        events = self.outbox[row.ticket]
-        if row.state.done:  # the terminal token ends the reply and is not part of it
-            events.append(("finish", row.index, "stop"))
+    def _emit(self, seq, token):
+        """Record one emitted token (already through the calculator); True when the sequence has finished."""
+        events = self.outbox[seq.ticket]
+        if seq.tool.done:  # the terminal token ends the reply and is not part of it
+            events.append(("finish", seq.index, "stop"))
             return True
-        row.generated.append(token)
+        seq.generated.append(token)
         self.counters["generated_tokens"] += 1
-        events.append(("token", row.index, token))
-        if len(row.generated) >= row.max_new:
-            events.append(("finish", row.index, "length"))
+        events.append(("token", seq.index, token))
+        if len(seq.generated) >= seq.max_new:
+            events.append(("finish", seq.index, "length"))
             return True
         return False
 
-    def _drop_rows(self, doomed):
-        """Remove rows from wherever they are, keep the running rows packed, and close finished tickets."""
-        if not doomed:
+    # ------------------------------------------------------------------ leaving
+
+    def _finish(self, sequences, rejoin=False):
+        """
+        Sequences leave the running and prefilling queues: finished (and their tickets closed when it was
+        their last row), or with rejoin=True back to prefilling from the start (a speculative run ending).
+        The last running sequences move into the freed slots to keep the running ones packed.
+        """
+        if not sequences:
             return
-        doomed_ids = {id(r) for r in doomed}
-        keep = len(self.rows) - sum(id(r) in doomed_ids for r in self.rows)
-        holes = [j for j in range(keep) if id(self.rows[j]) in doomed_ids]
-        movers = [j for j in range(keep, len(self.rows)) if id(self.rows[j]) not in doomed_ids]
+        leaving = set(map(id, sequences))
+        keep = len(self.running) - sum(id(s) in leaving for s in self.running)
+        holes = [j for j in range(keep) if id(self.running[j]) in leaving]
+        movers = [j for j in range(keep, len(self.running)) if id(self.running[j]) not in leaving]
         for hole, src in zip(holes, movers):  # equal counts: as many survivors past `keep` as holes before it
             self.kv_cache.copy_row(src, hole)
-            self.rows[hole] = self.rows[src]
-        del self.rows[keep:]
-        self.pending = [r for r in self.pending if id(r) not in doomed_ids]
-        if self.staging is not None:
-            self.staging["rows"] = [r for r in self.staging["rows"] if id(r) not in doomed_ids]
-            if not self.staging["rows"]:
-                self.staging = None
-        if self.solo is not None and id(self.solo) in doomed_ids:
-            self._end_speculation(self.solo)
-            self.solo = None
-        for row in doomed:
-            ticket = row.ticket
+            self.running[hole] = self.running[src]
+            self.running[hole].slot = hole
+        del self.running[keep:]
+        self.prefilling = [s for s in self.prefilling if id(s) not in leaving]
+        for seq in self.prefilling:  # a sample whose leader left prefills on its own
+            if seq.leader is not None and id(seq.leader) in leaving:
+                seq.leader = None
+        for seq in sequences:
+            seq.slot, seq.cached = None, 0
+            if rejoin:
+                seq.status = PREFILLING
+                self.prefilling.append(seq)
+                continue
+            seq.status = FINISHED
+            self._end_speculation(seq)
+            ticket = seq.ticket
             ticket.rows_left -= 1
             if ticket.rows_left == 0:
                 self.running_tickets.discard(ticket)
                 seconds = time.monotonic() - ticket.started_at
                 self.seconds_per_request = 0.9 * self.seconds_per_request + 0.1 * seconds
 
-    # ------------------------------------------------------------------ speculative decoding of a lone row
+    def _fail(self, tickets, message=None):
+        """Every sequence of these tickets leaves; with a message, the ticket gets it as an error event."""
+        if not tickets:
+            return
+        for ticket in tickets:
+            if message is not None:
+                self.outbox[ticket] = [("error", None, message)]
+        self._finish([s for s in self.running + self.prefilling if s.ticket in tickets])
+
+    # ------------------------------------------------------------------ speculative decoding of a lone sequence
 
     def _can_speculate(self):
         if not self.speculative_proposals or self.waiting:
             return False
-        rows = self._all_rows()
-        if len(rows) != 1 or rows[0].ticket.num_rows != 1:
-            return False
-        row = rows[0]
-        # the drafter's own tool state starts empty: only start between tool calls
-        return row is self.solo or (not row.state.has_forced() and row.state.expression is None)
+        sequences = self.running + self.prefilling
+        return len(sequences) == 1 and sequences[0].ticket.num_rows == 1
 
     def _speculative_step(self):
-        if self.solo is None:
-            row = self._all_rows()[0]
-            self.rows, self.pending, self.staging = [], [], None  # its slot is abandoned; it is re-prefilled
+        seq = (self.running + self.prefilling)[0]
+        if seq.speculative is None:  # its slot is abandoned: the engine keeps its own caches
+            self.prefilling, self.running = [], [seq]
+            seq.status, seq.slot = RUNNING, 0
             # an unseeded request gets a seed from the host: the replica's generator lives on its device
-            seed = row.ticket.seed if row.ticket.seed is not None else secrets.randbits(62)
-            seed = (seed + len(row.generated)) % 2**63  # a rejoin must not replay the first segment's draws
-            row.speculative = self.engine.generate(
-                row.context(), max_tokens=row.max_new - len(row.generated), temperature=row.ticket.temperature,
-                top_k=row.ticket.top_k, top_p=row.ticket.top_p, seed=seed,
-                speculative_num_tokens=self.speculative_proposals)
-            self.solo = row
-        row = self.solo
-        column = next(row.speculative, None)
-        if column is None:  # the iterator ran out: only at the token budget, which _emit has already closed
-            self._drop_rows([row])
-        elif self._emit(row, column[0][0]):
-            self._drop_rows([row])
+            seed = seq.ticket.seed if seq.ticket.seed is not None else secrets.randbits(62)
+            seed = (seed + len(seq.generated)) % 2**63  # a rejoin must not replay the first segment's draws
+            seq.speculative = self.engine.generate(
+                seq.context(), max_tokens=seq.max_new - len(seq.generated), temperature=seq.ticket.temperature,
+                top_k=seq.ticket.top_k, top_p=seq.ticket.top_p, seed=seed,
+                speculative_num_tokens=self.speculative_proposals, tool_state=seq.tool)
+        column = next(seq.speculative, None)  # the engine has already put the token through seq.tool
+        if column is None:  # the engine stopped early (the end of its context)
+            self.outbox[seq.ticket].append(("finish", seq.index, "length"))
+        if column is None or self._emit(seq, column[0][0]):
+            self._finish([seq])
 
-    def _end_speculation(self, row):
-        if row.speculative is None:
+    def _end_speculation(self, seq):
+        if seq.speculative is None:
             return
-        row.speculative.close()
+        seq.speculative.close()
         stats = self.engine.last_speculative_stats or {}
         self.counters["drafted"] += stats.get("drafted", 0)
         self.counters["accepted"] += stats.get("accepted", 0)
-        row.speculative = None
+        seq.speculative = None
 
-    # ------------------------------------------------------------------ delivery and failure
+    # ------------------------------------------------------------------ delivery
 
     def _flush(self):
         self.deliver(self.outbox)  # also when empty: a worker reports its occupancy after every step
         self.outbox.clear()
-
-    def _fail_all(self, message):
-        for row in self._all_rows():
-            self.outbox[row.ticket] = [("error", None, message)]
-        self._drop_rows(self._all_rows())
-        self.kv_cache.reset()

@@ -4,7 +4,8 @@ Token ids -> text pieces for a streamed reply, with OpenAI's stop sequences.
 Byte-level BPE tokens can end inside a multi-byte UTF-8 character, so undecodable tails wait for the
 next token. Text that might be the beginning of a stop sequence is held back too: if the stop sequence
 completes, neither it nor anything after it is sent; if not, the held text goes out with the next piece.
-Work is linear in the reply length: each token is decoded once, and each search only looks at new text.
+Work per token is independent of the reply length: each token is decoded once, and each search only
+looks at the new text and the last (longest stop - 1) characters; the server bounds stop lengths.
 """
 
 
@@ -55,9 +56,17 @@ class TextStream:
         return piece, False
 
     def _held_back(self):
-        """Length of the longest end of the text that is a proper prefix of some stop sequence."""
-        for n in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n
-        return 0
+        """
+        Length of the longest end of the text that is a proper prefix of some stop sequence: only the last
+        longest_stop - 1 characters are looked at, and only where a stop's first character occurs.
+        """
+        tail = self.text[max(0, len(self.text) - self.longest_stop + 1):] if self.longest_stop > 1 else ""
+        held = 0
+        for stop in self.stop:
+            i = tail.find(stop[0])
+            while 0 <= i and len(tail) - i > held:
+                if stop.startswith(tail[i:]):
+                    held = len(tail) - i
+                    break
+                i = tail.find(stop[0], i + 1)
+        return held

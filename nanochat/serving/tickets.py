@@ -41,6 +41,7 @@ class Ticket:
         self.first_event_at = None  # set by the HTTP side when the first events arrive (time to first token)
         self.streams = []  # the HTTP side's TextStreams, one per row
         self.scheduler = None  # the replica it was submitted to
+        self.sequences = []  # that replica's Sequence per row (serving/scheduler.py)
 
     def cancel(self):
         self.cancelled = True
