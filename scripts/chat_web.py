@@ -12,6 +12,7 @@ API keys come from config.json ("valid_api_keys") or NANOCHAT_API_KEYS=key1,key2
 
 import argparse
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -180,6 +181,7 @@ def main(argv=None):
     import uvicorn
 
     from nanochat.serving.app import create_app
+    from nanochat.serving.connections import TimedH11Protocol
     app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}")
     in_process = not hasattr(schedulers[0], "wait_ready")
     where = f"in this process, {torch.get_num_threads()} torch threads" if in_process else "in worker processes"
@@ -187,7 +189,9 @@ def main(argv=None):
              f"max batch {args.max_batch_size}, speculative {args.speculative_proposals or 'off'}; "
              f"open http://{args.host}:{args.port}/")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                    http=functools.partial(TimedH11Protocol, header_timeout=config.header_timeout_seconds),
+                    timeout_keep_alive=config.keep_alive_seconds, limit_concurrency=config.max_connections)
     finally:
         for scheduler in schedulers:
             scheduler.shutdown()

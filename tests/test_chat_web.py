@@ -266,6 +266,20 @@ def test_auth_and_rate_limit(keyed_server):
         good.chat.completions.create(model="sft-d2", messages=USER, max_tokens=2)
 
 
+def test_failed_logins_are_rate_limited_per_address(keyed_server):
+    """Wrong keys used to be answered 401 forever, at request speed (unbounded guessing)."""
+    url, statuses = keyed_server.url, []
+    for i in range(20):  # the default limit is 10 wrong keys per window per address (test_auth_and_rate_limit sent 4)
+        r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer wrong-key-{i:016d}"})
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses[:-1]) == {401}
+    assert error_of(r, 429)["code"] == "too_many_failed_logins" and int(r.headers["retry-after"]) >= 1
+    r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})  # even the right key waits
+    assert error_of(r, 429)["code"] == "too_many_failed_logins"
+
+
 def test_overload_is_503_with_retry_after(base_dir):
     env = {"NANOCHAT_MAX_QUEUED_REQUESTS": "0", "NANOCHAT_MAX_CONCURRENT_REQUESTS": "1"}
     with RunningServer(base_dir[0], "--max-batch-size", "1", env=env) as s:
@@ -406,6 +420,38 @@ def test_the_ui_route_refuses_several_replies(server):
     """Its events carry no row index: with n > 1 every reply used to be interleaved into one stream."""
     body = {"messages": USER, "n": 2, "max_tokens": 4}
     assert error_of(httpx.post(server.url + "/chat/completions", json=body, timeout=30), 400)["param"] == "n"
+
+
+def test_unfinished_requests_time_out(base_dir, tmp_path):
+    """Silent connections, partial headers and short bodies used to stay open forever."""
+    import socket
+    config = tmp_path / "timeouts.json"
+    config.write_text(json.dumps({"header_timeout_seconds": 1, "body_timeout_seconds": 1}))
+
+    def closed_within(sock, seconds):
+        """True if the server closes the connection within `seconds` (what it sent before is returned too)."""
+        sock.settimeout(seconds)
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except TimeoutError:
+            return False, received
+        return True, received
+
+    with RunningServer(base_dir[0], "--config", str(config)) as server:
+        address = ("127.0.0.1", server.port)
+        with socket.create_connection(address) as silent, socket.create_connection(address) as partial, \
+                socket.create_connection(address) as short:
+            partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            short.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"messages\": ")
+            assert closed_within(silent, 5) == (True, b"")
+            assert closed_within(partial, 5) == (True, b"")
+            done, answer = closed_within(short, 5)
+            assert done and answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200  # a prompt client is served as before
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -79,6 +79,17 @@ def test_sliding_window_and_retry_after():
     assert not allowed and retry == pytest.approx(4.0)  # next oldest is t=1004
 
 
+def test_retry_after_records_nothing():
+    clock = FakeClock()
+    rl = SlidingWindowRateLimiter(2, 10, clock=clock)
+    assert rl.retry_after("a") == 0.0 and rl.check("a")[0] and rl.retry_after("a") == 0.0
+    rl.check("a")
+    clock.t += 3
+    assert rl.retry_after("a") == pytest.approx(7.0) and rl.retry_after("a") == pytest.approx(7.0)
+    clock.t += 7
+    assert rl.retry_after("a") == 0.0
+
+
 def test_keys_are_isolated():
     clock = FakeClock()
     rl = SlidingWindowRateLimiter(1, 60, clock=clock)

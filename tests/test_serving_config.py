@@ -84,6 +84,7 @@ def test_wrong_types_rejected(tmp_path, data, field):
     ({"rate_limit_max_requests": -1}, "rate_limit_max_requests"),
     ({"max_concurrent_requests": 0}, "max_concurrent_requests"),
     ({"max_queued_requests": -1}, "max_queued_requests"),
+    ({"max_failed_logins": 0}, "max_failed_logins"),
     ({"max_tokens_limit": 0}, "max_tokens_limit"),
     ({"min_temperature": 1.5, "max_temperature": 1.0, "default_temperature": 1.0}, "temperature"),
     ({"max_temperature": 3.0}, "temperature"),  # wider than the sampler supports

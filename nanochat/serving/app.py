@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.serving.auth import AuthError, check_api_key
+from nanochat.serving.auth import AuthError, MissingKey, check_api_key
 from nanochat.serving.metrics import ServerMetrics
 from nanochat.serving.protocol import (
     BatchCompletionRequest,
@@ -73,6 +73,7 @@ class ServerState:
         self.max_batch_size = schedulers[0].max_rows
         self.created = int(time.time())
         self.limiter = SlidingWindowRateLimiter(config.rate_limit_max_requests, config.rate_limit_window_seconds)
+        self.failed_logins = SlidingWindowRateLimiter(config.max_failed_logins, config.rate_limit_window_seconds)
         self.metrics = ServerMetrics(schedulers)
 
 
@@ -83,12 +84,24 @@ def _error_response(status, message, type, param=None, code=None, headers=None):
 
 
 def _authorize(state, request):
-    """The caller's key id; raises 401 for a missing/wrong key and 429 past the rate limit."""
+    """
+    The caller's key id; raises 401 for a missing/wrong key and 429 past the rate limit. An address that
+    sent max_failed_logins wrong keys in the window gets 429 for any key until the window frees a slot,
+    so keys cannot be guessed at request speed.
+    """
+    address = request.client.host if request.client else "unknown"
+    locked_for = state.failed_logins.retry_after(address) if state.config.valid_api_keys else 0
+    if locked_for:
+        raise APIError(429, f"too many failed logins from {address}; retry later", "rate_limit_error",
+                       code="too_many_failed_logins", headers={"Retry-After": retry_after_header(locked_for)})
     try:
         caller = check_api_key(request.headers.get("authorization"), state.config.valid_api_keys)
+    except MissingKey as e:
+        raise APIError(401, str(e), "invalid_request_error", code="missing_api_key",
+                       headers={"WWW-Authenticate": "Bearer"}) from None
     except AuthError as e:
-        code = "missing_api_key" if "Missing" in str(e) else "invalid_api_key"
-        raise APIError(401, str(e), "invalid_request_error", code=code,
+        state.failed_logins.check(address)
+        raise APIError(401, str(e), "invalid_request_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"}) from None
     allowed, retry_after = state.limiter.check(caller)
     if not allowed:
@@ -98,17 +111,25 @@ def _authorize(state, request):
     return caller
 
 
-async def _read_json(request):
-    """The request's JSON body, read only up to MAX_BODY_BYTES (also when it arrives chunked, without a length)."""
+async def _read_json(state, request):
+    """
+    The request's JSON body, read only up to MAX_BODY_BYTES (also when it arrives chunked, without a
+    length) and only for body_timeout_seconds (a client that announces more than it sends is cut off).
+    """
     too_large = APIError(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async with asyncio.timeout(state.config.body_timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large
+    except TimeoutError:
+        raise APIError(408, f"request body not received within {state.config.body_timeout_seconds:g} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -309,7 +330,7 @@ def _state_limits(components, config, max_batch_size):
 def _openapi_docs(components, config, max_batch_size):
     """requestBody / responses for routes that read the raw body (so our own validation gives the errors)."""
     error = {"description": "error", "content": {"application/json": {"schema": _component_ref(components, ErrorResponse)}}}
-    errors = {str(code): error for code in (400, 401, 404, 413, 429, 503)}
+    errors = {str(code): error for code in (400, 401, 404, 408, 413, 429, 503)}
     # one parsed SSE event per item (OpenAPI 3.1 tools read `schema` as the per-event schema); data is JSON text
     sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
         "data": {"type": "string", "contentMediaType": "application/json"}}}}}
@@ -422,7 +443,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
         """The one code path behind both chat routes; only the stream's wire format differs."""
         arrived = time.monotonic()
         caller = _authorize(state, request)
-        req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(request))
+        req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
         if not openai_format and req.n != 1:  # its token events carry no row: replies would interleave
             raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
                            param="n", code="invalid_value")
@@ -520,7 +541,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
         arrived = time.monotonic()
         caller = _authorize(state, request)
         try:
-            batch = parse_batch_request(await _read_json(request))
+            batch = parse_batch_request(await _read_json(state, request))
             chat_requests = batch.as_chat_requests()
             for i, chat_request in enumerate(chat_requests):
                 try:

@@ -8,7 +8,11 @@ import hmac
 
 
 class AuthError(Exception):
-    """Maps to HTTP 401; str(error) is the client-facing message."""
+    """A wrong key: HTTP 401; str(error) is the client-facing message."""
+
+
+class MissingKey(AuthError):
+    """No key at all (HTTP 401 too, but not a failed guess)."""
 
 
 def key_id(key):
@@ -20,7 +24,7 @@ def check_api_key(authorization_header, valid_keys):
     if not valid_keys:
         return "anonymous"
     if not authorization_header or not authorization_header.strip():
-        raise AuthError("Missing Authorization header")
+        raise MissingKey("Missing Authorization header")
     scheme, _, token = authorization_header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

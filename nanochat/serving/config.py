@@ -31,6 +31,7 @@ class ServerConfig:
     valid_api_keys: list[str] = field(default_factory=list)
     rate_limit_window_seconds: float = 60
     rate_limit_max_requests: int = 120
+    max_failed_logins: int = 10  # wrong keys per client address per rate-limit window, then 429 for that address
     max_concurrent_requests: int = 32
     max_queued_requests: int = 128
     max_messages: int = 500
@@ -47,6 +48,13 @@ class ServerConfig:
     default_top_k: int = 50
     default_top_p: float = 1.0
     default_max_tokens: int = 512
+    # connections: a request's headers must arrive within header_timeout_seconds of the connection's start
+    # (or of the previous response), its body within body_timeout_seconds; idle keep-alive connections close
+    # after keep_alive_seconds; past max_connections open connections uvicorn answers 503
+    header_timeout_seconds: float = 10
+    body_timeout_seconds: float = 30
+    keep_alive_seconds: float = 5
+    max_connections: int = 1024
 
 
 # Environment variable -> (field, parser). Keys come from the environment so they need not live in a file.
@@ -54,6 +62,7 @@ ENV_OVERRIDES = {
     "NANOCHAT_API_KEYS": ("valid_api_keys", lambda s: [k.strip() for k in s.split(",") if k.strip()]),
     "NANOCHAT_RATE_LIMIT_WINDOW_SECONDS": ("rate_limit_window_seconds", float),
     "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": ("rate_limit_max_requests", int),
+    "NANOCHAT_MAX_FAILED_LOGINS": ("max_failed_logins", int),
     "NANOCHAT_MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", int),
     "NANOCHAT_MAX_QUEUED_REQUESTS": ("max_queued_requests", int),
 }
@@ -107,7 +116,8 @@ def validate_config(config):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ValueError(f"config: {name} must be finite, got {value}")
-    positive = ["rate_limit_window_seconds", "rate_limit_max_requests", "max_concurrent_requests", "max_messages",
+    positive = ["rate_limit_window_seconds", "rate_limit_max_requests", "max_failed_logins", "max_concurrent_requests",
+                "max_messages", "header_timeout_seconds", "body_timeout_seconds", "keep_alive_seconds", "max_connections",
                 "max_message_chars", "max_total_chars", "max_tokens_limit", "default_max_tokens"]
     for name in positive:
         if getattr(config, name) <= 0:

@@ -27,15 +27,22 @@ class SlidingWindowRateLimiter:
         with self._lock:
             now = self.clock()
             self._maybe_sweep(now)
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = deque()
-            self._expire(bucket, now)
-            if len(bucket) < self.max_requests:
+            bucket = self._buckets.setdefault(key, deque())
+            wait = self._wait(bucket, now)
+            if wait == 0:  # rejected requests are not recorded
                 bucket.append(now)
-                return True, 0.0
-            # Full: a slot frees when the oldest request in the window ages out. Rejected requests are not recorded.
-            return False, max(0.0, bucket[0] + self.window_seconds - now)
+            return wait == 0, wait
+
+    def retry_after(self, key):
+        """Seconds until key may be recorded again (0: now), recording nothing."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            return 0.0 if bucket is None else self._wait(bucket, self.clock())
+
+    def _wait(self, bucket, now):
+        """Seconds until the bucket has a free slot: when its oldest request in the window ages out (0: now)."""
+        self._expire(bucket, now)
+        return 0.0 if len(bucket) < self.max_requests else bucket[0] + self.window_seconds - now
 
     def _expire(self, bucket, now):
         cutoff = now - self.window_seconds
