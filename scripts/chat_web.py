@@ -13,16 +13,17 @@ API keys come from config.json ("valid_api_keys") or NANOCHAT_API_KEYS=key1,key2
 import argparse
 import dataclasses
 import functools
-import ipaddress
 import logging
 import os
 import sys
+from urllib.parse import urlsplit
 
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
 from nanochat.common import get_base_dir
 from nanochat.serving.config import load_config, validate_config
+from nanochat.serving.origins import is_loopback
 
 # CLI flag -> config field: the UI and the API read the same (possibly overridden) bounds
 SAMPLING_FLAGS = {"temperature": "default_temperature", "top_k": "default_top_k", "top_p": "default_top_p",
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    p.add_argument("--cors-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="browser origins (e.g. https://app.example) that may call the API; others are refused")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads when serving on CPU (default: all cores but one, which the HTTP side needs)")
     for flag in SAMPLING_FLAGS:
@@ -69,20 +72,15 @@ def parse_args(argv=None):
         p.error("--num-gpus must be >= 1")
     if args.cpu_workers < 0:
         p.error("--cpu-workers must be >= 0")
+    for origin in args.cors_origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
+            p.error(f"--cors-origins: {origin!r} is not an origin like https://app.example or http://localhost:3000")
     if args.speculative_proposals < 0:
         p.error("--speculative-proposals must be >= 0")
     if args.speculative_proposals and not args.draft_model_tag:
         p.error("--speculative-proposals needs --draft-model-tag (a model tag or 'ngram')")
     return args
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_config(args):
@@ -182,7 +180,8 @@ def main(argv=None):
 
     from nanochat.serving.app import create_app
     from nanochat.serving.connections import TimedH11Protocol
-    app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}")
+    app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}", bound_host=args.host,
+                     cors_origins=args.cors_origins)
     in_process = not hasattr(schedulers[0], "wait_ready")
     where = f"in this process, {torch.get_num_threads()} torch threads" if in_process else "in worker processes"
     log.info(f"serving {args.source}-{model_tag} on {len(devices)} replica(s) {[str(d) for d in devices]} ({where}), "

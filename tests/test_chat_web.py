@@ -36,7 +36,7 @@ def server(base_dir):
 @pytest.fixture(scope="module")
 def keyed_server(base_dir):
     env = {"NANOCHAT_API_KEYS": API_KEY, "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": "6"}
-    with RunningServer(base_dir[0], env=env) as s:
+    with RunningServer(base_dir[0], "--cors-origins", "https://app.example", env=env) as s:
         yield s
 
 
@@ -264,6 +264,28 @@ def test_auth_and_rate_limit(keyed_server):
     assert error["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
     with pytest.raises(openai.RateLimitError):
         good.chat.completions.create(model="sft-d2", messages=USER, max_tokens=2)
+
+
+def test_cross_site_and_rebinding_requests_are_refused(server, keyed_server):
+    """With auth off, any web page (or a DNS-rebinding name) used to make the local server generate."""
+    body = {"messages": USER, "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Origin": "https://evil.example"})
+    assert error_of(r, 403)["code"] == "origin_not_allowed"
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Host": f"rebind.example:{server.port}"})
+    assert error_of(r, 403)["code"] == "host_not_allowed"
+    assert httpx.post(server.url + "/chat/completions", json=body, headers={"Origin": server.url}).status_code == 200
+
+    # --cors-origins: that origin gets CORS answers (preflight included), any other is still refused
+    preflight = httpx.options(keyed_server.url + "/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.get(keyed_server.url + "/v1/models", headers={"Origin": "https://app.example",
+                                                           "Authorization": f"Bearer {API_KEY}"})
+    assert r.headers["access-control-allow-origin"] == "https://app.example"  # (200, or 429 after the tests above)
+    r = httpx.get(keyed_server.url + "/v1/models", headers={"Origin": "https://evil.example",
+                                                           "Authorization": f"Bearer {API_KEY}"})
+    assert error_of(r, 403)["code"] == "origin_not_allowed" and "access-control-allow-origin" not in r.headers
 
 
 def test_failed_logins_are_rate_limited_per_address(keyed_server):

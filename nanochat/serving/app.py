@@ -21,12 +21,14 @@ from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.serving.auth import AuthError, MissingKey, check_api_key
 from nanochat.serving.metrics import ServerMetrics
+from nanochat.serving.origins import OriginGuard
 from nanochat.serving.protocol import (
     BatchCompletionRequest,
     BatchCompletionResponse,
@@ -330,7 +332,7 @@ def _state_limits(components, config, max_batch_size):
 def _openapi_docs(components, config, max_batch_size):
     """requestBody / responses for routes that read the raw body (so our own validation gives the errors)."""
     error = {"description": "error", "content": {"application/json": {"schema": _component_ref(components, ErrorResponse)}}}
-    errors = {str(code): error for code in (400, 401, 404, 408, 413, 429, 503)}
+    errors = {str(code): error for code in (400, 401, 403, 404, 408, 413, 429, 503)}
     # one parsed SSE event per item (OpenAPI 3.1 tools read `schema` as the per-event schema); data is JSON text
     sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
         "data": {"type": "string", "contentMediaType": "application/json"}}}}}
@@ -354,13 +356,21 @@ def _openapi_docs(components, config, max_batch_size):
 
 # ---------------------------------------------------------------------------------------------- the app
 
-def create_app(schedulers, tokenizer, config, model_name, ui_html=None):
-    """schedulers: one started Scheduler per replica. Returns the FastAPI app."""
+def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_host=None, cors_origins=()):
+    """
+    schedulers: one started Scheduler per replica. bound_host: the address the server listens on (a loopback
+    one answers loopback Host names only); cors_origins: browser origins allowed besides the server's own
+    (serving/origins.py). Returns the FastAPI app.
+    """
     state = ServerState(schedulers, tokenizer, config, model_name)
     components = {}
     docs = _openapi_docs(components, config, schedulers[0].max_rows)
     app = FastAPI(title="nanochat", version="1.0", description="Chat with a nanochat model; OpenAI-compatible API.")
     app.state.nanochat = state
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(OriginGuard, bound_host=bound_host or "", cors_origins=cors_origins)  # added last: outermost
     ui_html = ui_html or files("nanochat.serving").joinpath("ui.html").read_text(encoding="utf-8")
     ui_config = {
         "model": model_name, "auth_required": bool(config.valid_api_keys), "max_tokens": config.default_max_tokens,
