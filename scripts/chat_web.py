@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT: seconds running streams may finish (new and queued requests are refused "
+                   "at once); a second signal exits immediately")
     p.add_argument("--cors-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="browser origins (e.g. https://app.example) that may call the API; others are refused")
     p.add_argument("--cpu-threads", type=int, default=None,
@@ -72,6 +75,8 @@ def parse_args(argv=None):
         p.error("--num-gpus must be >= 1")
     if args.cpu_workers < 0:
         p.error("--cpu-workers must be >= 0")
+    if not args.shutdown_timeout >= 0:
+        p.error("--shutdown-timeout must be >= 0")
     for origin in args.cors_origins:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
@@ -179,7 +184,7 @@ def main(argv=None):
     import uvicorn
 
     from nanochat.serving.app import create_app
-    from nanochat.serving.connections import TimedH11Protocol
+    from nanochat.serving.connections import GracefulServer, TimedH11Protocol
     app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}", bound_host=args.host,
                      cors_origins=args.cors_origins)
     in_process = not hasattr(schedulers[0], "wait_ready")
@@ -188,9 +193,13 @@ def main(argv=None):
              f"max batch {args.max_batch_size}, speculative {args.speculative_proposals or 'off'}; "
              f"open http://{args.host}:{args.port}/")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                    http=functools.partial(TimedH11Protocol, header_timeout=config.header_timeout_seconds),
-                    timeout_keep_alive=config.keep_alive_seconds, limit_concurrency=config.max_connections)
+        server = GracefulServer(uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", access_log=False,
+            http=functools.partial(TimedH11Protocol, header_timeout=config.header_timeout_seconds),
+            timeout_keep_alive=config.keep_alive_seconds, limit_concurrency=config.max_connections,
+            timeout_graceful_shutdown=args.shutdown_timeout + 5),  # a backstop: the app ends streams by then
+            on_first_signal=lambda: app.state.nanochat.begin_shutdown(args.shutdown_timeout))
+        server.run()
     finally:
         for scheduler in schedulers:
             scheduler.shutdown()

@@ -106,10 +106,7 @@ def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, is
     rank0, rank1 = (torch.load(checkpoint_dir / f"optim_000003_rank{r}.pt") for r in range(2))
     assert rank0[0] is not None and rank1[0] is None and rank0[1]["state"] and rank1[1]["state"]
     assert not set(rank0[1]["state"]) & set(rank1[1]["state"])  # disjoint Muon shards
-    # both ranks resume from rank 0's files and their own, and continue exactly
-    run([*torchrun, "--resume-from-step", "3", "--loss-log", str(tmp_path / "ddp_resumed.jsonl")], env, module=False)
-    resumed = read_losses(tmp_path / "ddp_resumed.jsonl")
-    assert resumed == {s: ddp[s] for s in (4, 5, 6)}, (resumed, ddp)
+    # (restoring them on every rank: tests/test_checkpoint_manager.py; an exact resume under torchrun: dev/gpu_check.sh)
 
 
 def test_clear_errors(env, tmp_path, isolated_base_dir):

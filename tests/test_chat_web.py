@@ -476,6 +476,54 @@ def test_unfinished_requests_time_out(base_dir, tmp_path):
         assert r.status_code == 200  # a prompt client is served as before
 
 
+def open_stream(url, max_tokens=1000):
+    """A streaming chat request whose response has begun; returns its lines iterator."""
+    client = httpx.Client(timeout=60)
+    request = client.build_request("POST", url + "/v1/chat/completions", json={
+        "messages": USER, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    return client.send(request, stream=True).iter_lines()
+
+
+def wait_for_health(server, **expected):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = httpx.get(server.url + "/health").json()
+        if all(health[k] == v for k, v in expected.items()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"health never reached {expected}: {health}")
+
+
+def test_shutdown_refuses_queued_at_once_and_ends_running_at_the_deadline(base_dir):
+    """SIGTERM used to keep admitting queued work, and a second signal did nothing."""
+    import signal
+    with RunningServer(base_dir[0], "--max-batch-size", "2", "--shutdown-timeout", "1") as server:
+        streams = [open_stream(server.url) for _ in range(4)]
+        wait_for_health(server, running=2, queued=2)
+        server.process.send_signal(signal.SIGTERM)
+        outputs = ["\n".join(lines) for lines in streams]
+        assert server.process.wait(timeout=30) == 0
+        log = server.log()
+    running = [out for out in outputs if '"content": "' in out.replace('"content": ""', "")]
+    assert len(running) == 2  # the other two were queued: they never got a token
+    for out in outputs:
+        assert "[DONE]" not in out and "the server is shutting down" in out.splitlines()[-1]
+    assert "shutdown deadline: ending 2 running sequence(s)" in log
+
+    with RunningServer(base_dir[0], "--shutdown-timeout", "60") as server:
+        lines = open_stream(server.url)
+        wait_for_health(server, running=1)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)  # the second signal: exit now
+        assert server.process.wait(timeout=15) == 0
+        received = []
+        with pytest.raises(httpx.RemoteProtocolError):  # cut mid-stream, not served to its end
+            received.extend(lines)
+        assert "[DONE]" not in "\n".join(received)
+        assert "second signal: exiting now" in server.log()
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def run_cli(base_dir, *args, env=None):

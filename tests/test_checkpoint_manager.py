@@ -6,7 +6,7 @@ import torch
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step,
                                          load_checkpoint, load_model, restore_training_state, save_checkpoint)
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import setup_optimizers
+from nanochat.optim import checkpoint_states, setup_optimizers
 from nanochat.tokenizer import RustBPETokenizer
 
 
@@ -149,3 +149,27 @@ def test_restore_training_state(tmp_path):
     other = tiny_model("mla")
     with pytest.raises(CheckpointError, match="model config"):
         restore_training_state(str(tmp_path), 4, other, setup_optimizers(other), "cpu")
+
+
+def test_replicated_optimizer_state_is_saved_once_and_every_rank_restores_it(tmp_path):
+    """Under torchrun AdamW's state (the same on every rank) is in rank 0's file only; Muon's is per rank."""
+    model = tiny_model()
+    optimizers = setup_optimizers(model)
+    x = torch.randint(0, 300, (2, 16))
+    model(x, x).backward()
+    for opt in optimizers:
+        opt.step()
+    meta = dict(model_config=model.config_dict())
+    save_checkpoint(str(tmp_path), 4, model.state_dict(), checkpoint_states(optimizers, rank=0), meta, rank=0)
+    rank1_states = checkpoint_states(optimizers, rank=1)
+    assert rank1_states[0] is None and rank1_states[1] is not None  # AdamW left to rank 0, Muon kept
+    for state in rank1_states[1]["state"].values():  # rank 1's own Muon momentum differs from rank 0's
+        state["momentum_buffer"] = state["momentum_buffer"] * 2
+    save_checkpoint(str(tmp_path), 4, None, rank1_states, meta, rank=1)
+
+    fresh = tiny_model()
+    restored = setup_optimizers(fresh)
+    restore_training_state(str(tmp_path), 4, fresh, restored, "cpu", rank=1)
+    adamw, muon = (opt.state_dict()["state"] for opt in restored)
+    assert all(torch.equal(adamw[k]["exp_avg"], v["exp_avg"]) for k, v in optimizers[0].state_dict()["state"].items())
+    assert all(torch.equal(muon[k]["momentum_buffer"], v["momentum_buffer"]) for k, v in rank1_states[1]["state"].items())

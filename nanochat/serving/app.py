@@ -15,6 +15,7 @@ render the prompt -> submit a Ticket -> read its events. Errors always have Open
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from importlib.resources import files
@@ -77,6 +78,27 @@ class ServerState:
         self.limiter = SlidingWindowRateLimiter(config.rate_limit_max_requests, config.rate_limit_window_seconds)
         self.failed_logins = SlidingWindowRateLimiter(config.max_failed_logins, config.rate_limit_window_seconds)
         self.metrics = ServerMetrics(schedulers)
+        self.draining = False
+
+    def begin_shutdown(self, timeout):
+        """
+        The server was told to stop: new requests get 503 and queued ones an error event at once; running
+        streams may finish for `timeout` seconds, then the rest end with an error event and one log line.
+        """
+        logger.info(f"shutting down: refusing new requests, running streams have {timeout:g} s to finish")
+        self.draining = True
+        for scheduler in self.schedulers:
+            scheduler.drain()
+
+        def deadline():
+            running = sum(s.rows_in_use() for s in self.schedulers)
+            if running:
+                logger.warning(f"shutdown deadline: ending {running} running sequence(s) with an error event")
+                for scheduler in self.schedulers:
+                    scheduler.end_running()
+        timer = threading.Timer(timeout, deadline)
+        timer.daemon = True
+        timer.start()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -178,6 +200,8 @@ def _prepare_chat(state, body):
 
 
 def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
+    if state.draining:
+        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
     ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed)
     alive = [s for s in state.schedulers if s.alive] or state.schedulers  # a dead worker answers 503 itself
     scheduler = min(alive, key=lambda s: s.load())  # the least busy replica

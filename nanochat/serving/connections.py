@@ -1,12 +1,23 @@
 """
-A deadline uvicorn does not have: it closes a keep-alive connection that idles between requests, but a
-connection that opens and sends nothing, or only part of its headers, stays open forever, holding a
-socket and its buffers. TimedH11Protocol gives every request header_timeout seconds, from the
-connection's start or the previous response's end, to deliver its headers; then the connection is
-closed. The body's deadline is the app's (serving/app.py), idle keep-alive is uvicorn's own.
+What nanochat adds to uvicorn's server: deadlines on connections and on shutdown.
+
+uvicorn closes a keep-alive connection that idles between requests, but a connection that opens and
+sends nothing, or only part of its headers, stays open forever, holding a socket and its buffers.
+TimedH11Protocol gives every request header_timeout seconds, from the connection's start or the previous
+response's end, to deliver its headers; then the connection is closed. The body's deadline is the app's
+(serving/app.py), idle keep-alive is uvicorn's own.
+
+uvicorn's shutdown waits for every open response however long it streams, and only a second SIGINT (not
+SIGTERM) forces it. GracefulServer calls on_first_signal (the app refuses new requests, ends queued ones,
+and ends running streams with an error event after its deadline) and exits at once on any second signal.
 """
 
+import logging
+
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+logger = logging.getLogger("nanochat.serving")
 
 
 class TimedH11Protocol(H11Protocol):
@@ -37,3 +48,17 @@ class TimedH11Protocol(H11Protocol):
         """No request is being answered (none began, or the last one is done): the next one's headers are late."""
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config, on_first_signal):
+        super().__init__(config)
+        self.on_first_signal = on_first_signal
+
+    def handle_exit(self, sig, frame):
+        if self.should_exit:
+            logger.warning("second signal: exiting now, open streams are cut")
+            self.force_exit = True
+            return
+        self.should_exit = True  # uvicorn stops listening and waits for the open responses
+        self.on_first_signal()

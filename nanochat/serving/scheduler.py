@@ -106,12 +106,26 @@ class Scheduler:
         self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
         self._cond = threading.Condition()
         self._stopping = False
+        self._ending = {}  # "waiting" / "running" -> the error message those tickets get at the next step
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
 
     # ------------------------------------------------------------------ called from the event loop
 
     def start(self):
         self._thread.start()
+
+    def drain(self, message="the server is shutting down"):
+        """Stop admitting: waiting tickets get an error event, submit() refuses; running ones go on."""
+        with self._cond:
+            self.max_queued_requests = -1
+            self._ending["waiting"] = message
+            self._cond.notify()
+
+    def end_running(self, message="the server is shutting down"):
+        """Every admitted ticket gets an error event and leaves at the next step."""
+        with self._cond:
+            self._ending["running"] = message
+            self._cond.notify()
 
     def shutdown(self):
         with self._cond:
@@ -186,10 +200,13 @@ class Scheduler:
     def _run(self):
         while True:
             with self._cond:
-                while not self._stopping and not (self.running or self.prefilling or self.waiting):
+                while not self._stopping and not (self.running or self.prefilling or self.waiting or self._ending):
                     self._cond.wait()
                 if self._stopping:
                     return
+                ending, self._ending = self._ending, {}
+                refused = [self.waiting.popleft() for _ in range(len(self.waiting))] if "waiting" in ending else []
+            self._end(refused, ending)
             try:
                 with torch.inference_mode(), self.autocast:
                     self._step()
@@ -197,6 +214,13 @@ class Scheduler:
                 logger.exception(f"{self.name}: scheduler step failed")
                 self._fail({s.ticket for s in self.running + self.prefilling}, f"generation failed: {type(e).__name__}")
             self._flush()
+
+    def _end(self, refused, ending):
+        """What drain() / end_running() asked for: error events for the refused waiting tickets, or all running."""
+        for ticket in refused:
+            self.outbox[ticket] = [("error", None, ending["waiting"])]
+        if "running" in ending:
+            self._fail({s.ticket for s in self.running + self.prefilling}, ending["running"])
 
     def _step(self):
         self._finish([s for s in self.running + self.prefilling if s.dropped()])

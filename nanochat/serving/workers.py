@@ -4,12 +4,13 @@ talks to it through two pipes. Eight replicas as threads of one process would sh
 decode step's Python (sampling, bookkeeping, streaming) of eight GPUs would run on one core; as processes
 they run side by side and the front's event loop only moves text.
 
-The front's WorkerReplica offers what the app uses of a Scheduler (submit, cancel, stop_row, load,
-queued, rows_in_use, counters, speculative_counts) and decides admission itself, with the scheduler's
+The front's WorkerReplica offers what the app uses of a Scheduler (submit, cancel, stop_row, drain,
+end_running, load, queued, rows_in_use, counters, speculative_counts) and decides admission itself, with the scheduler's
 rule (tickets.count_queued) over the tickets it has outstanding, so a full replica is a 503 before any
 response starts. Messages (pickled):
     front -> worker: ("submit", id, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed),
-                     ("cancel", id), ("stop_row", id, row), ("shutdown",)
+                     ("cancel", id), ("stop_row", id, row), ("drain", message), ("end_running", message),
+                     ("shutdown",)
     worker -> front: ("ready", {context_len, max_rows, device}) or ("failed", message) once at start, then
                      per scheduler step ("step", [(id, events), ...], status) with the scheduler's
                      counters and occupancy, and ("events", [(id, events)]) for a refused submission.
@@ -84,6 +85,8 @@ def _worker_main(spec, commands, events):
                 scheduler.cancel(tickets.pop(message[1]))
             elif kind == "stop_row" and message[1] in tickets:
                 scheduler.stop_row(tickets[message[1]], message[2])
+            elif kind in ("drain", "end_running"):
+                getattr(scheduler, kind)(message[1])
             elif kind == "shutdown":
                 break
             if len(tickets) > 4 * scheduler.max_rows:  # forget finished tickets (ids are never reused)
@@ -106,6 +109,7 @@ class WorkerReplica:
         self._process = context.Process(target=_worker_main, args=(self.spec, commands_out, events_in), daemon=True,
                                         name=f"nanochat-{self.name}")
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._tickets = OrderedDict()  # id -> ticket, in submission order, until every row has finished
         self._next_id = 0
         self._status = {"rows_in_use": 0, "queued": 0, "counters": {"generated_tokens": 0}, "drafted": 0, "accepted": 0}
@@ -164,6 +168,14 @@ class WorkerReplica:
     def wake(self):
         pass  # commands wake the worker themselves
 
+    def drain(self, message="the server is shutting down"):
+        with self._lock:
+            self.max_queued_requests = -1  # submit() refuses from now on
+        self._send(("drain", message))
+
+    def end_running(self, message="the server is shutting down"):
+        self._send(("end_running", message))
+
     @property
     def pid(self):
         return self._process.pid
@@ -202,7 +214,8 @@ class WorkerReplica:
 
     def _send(self, message):
         try:
-            self._commands.send(message)
+            with self._send_lock:  # the event loop and the shutdown timer both send
+                self._commands.send(message)
         except (OSError, ValueError):  # the worker is gone: _read fails its tickets
             pass
 
