@@ -85,12 +85,15 @@ class KVCache:
         view._step_positions = None
         return view
 
-    def copy_row(self, src, dst):
-        """Row dst becomes a copy of row src (a server packing its running rows, or sharing a prefilled prompt)."""
-        n = int(self.lengths[src])  # only the valid positions: the rest of a row is never read
+    def copy_row(self, src, dst, n=None):
+        """
+        Row dst becomes a copy of row src, or of its first n positions (a server packing its running rows,
+        sharing a prefilled prompt, reusing a cached prefix).
+        """
+        n = int(self.lengths[src]) if n is None else n  # only the valid positions: the rest is never read
         for t in self.tensors.values():
             t[:, dst, :n] = t[:, src, :n]
-        self.lengths[dst] = self.lengths[src]
+        self.lengths[dst] = n
 
     def reorder(self, row_indices, seq_len=None):
         """

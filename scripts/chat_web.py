@@ -46,6 +46,8 @@ def parse_args(argv=None):
                    help="CPU: replicas in this many worker processes (default 0: one replica in the server process)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
+    p.add_argument("--prefix-cache-rows", type=int, default=8,
+                   help="KV rows per replica keeping finished conversations for the next turn to reuse (0: off)")
     p.add_argument("--prefill-chunk-tokens", type=int, default=512,
                    help="longer prompts are prefilled this many tokens per step, between decode steps of the others")
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
@@ -67,6 +69,8 @@ def parse_args(argv=None):
         p.error("--port must be in 1..65535")
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be >= 1")
+    if args.prefix_cache_rows < 0:
+        p.error("--prefix-cache-rows must be >= 0")
     if args.prefill_chunk_tokens < 1:
         p.error("--prefill-chunk-tokens must be >= 1")
     if args.cpu_threads is not None and args.cpu_threads < 1:
@@ -127,7 +131,7 @@ def build_replicas(args, config, devices):
         from nanochat.tokenizer import get_tokenizer
         spec = dict(source=args.source, model_tag=args.model_tag, step=args.step, draft_model_tag=args.draft_model_tag,
                     speculative_proposals=args.speculative_proposals, max_batch_size=args.max_batch_size,
-                    prefill_chunk_tokens=args.prefill_chunk_tokens,
+                    prefill_chunk_tokens=args.prefill_chunk_tokens, prefix_cache_rows=args.prefix_cache_rows,
                     cpu_threads=args.cpu_threads or default_cpu_threads(len(devices)))
         replicas = [WorkerReplica(dict(spec, name=f"replica-{i}", device=str(device)), config.max_concurrent_requests,
                                   config.max_queued_requests) for i, device in enumerate(devices)]
@@ -155,7 +159,8 @@ def build_replicas(args, config, devices):
                           max_running_requests=config.max_concurrent_requests,
                           max_queued_requests=config.max_queued_requests, draft=draft,
                           speculative_proposals=args.speculative_proposals,
-                          prefill_chunk_tokens=args.prefill_chunk_tokens, name="replica-0")
+                          prefill_chunk_tokens=args.prefill_chunk_tokens, prefix_cache_rows=args.prefix_cache_rows,
+                          name="replica-0")
     scheduler.start()
     return [scheduler], tokenizer
 

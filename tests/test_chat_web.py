@@ -352,7 +352,7 @@ def test_disconnect_before_the_first_chunk_frees_the_slot(server):
     body = json.dumps({"messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -417,7 +417,7 @@ def test_a_chunked_body_is_refused_at_the_limit(server):
     import socket
     chunk = b"x" * 65536
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         for _ in range(17):  # just past 1 MiB, and the body never ends: the answer must not wait for its end
             sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -465,8 +465,8 @@ def test_unfinished_requests_time_out(base_dir, tmp_path):
         address = ("127.0.0.1", server.port)
         with socket.create_connection(address) as silent, socket.create_connection(address) as partial, \
                 socket.create_connection(address) as short:
-            partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-            short.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            short.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{\"messages\": ")
             assert closed_within(silent, 5) == (True, b"")
             assert closed_within(partial, 5) == (True, b"")

@@ -345,3 +345,40 @@ def test_a_failing_sequence_ends_only_its_own_request(model, tokenizer):
     for q, (tokens, _) in zip(ps, results):
         assert tokens[0] == greedy_reference(model, tokenizer, q, 20)
     assert scheduler.rows_in_use() == 0 and scheduler.running_tickets == set()
+
+
+@pytest.mark.parametrize("prefill_chunk_tokens", [512, 8])  # 8: the new turn's rest is prefilled in chunks
+def test_the_next_turn_reuses_the_cached_conversation_and_stays_exact(model, tokenizer, prefill_chunk_tokens):
+    """Turn 2 sends turn 1's prompt + reply + a new message: the cached KV is copied, the output is unchanged."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, prefill_chunk_tokens=prefill_chunk_tokens)
+    first = prompts(4, seed=17)[-1]  # 20 tokens
+
+    async def turn(context, max_tokens):
+        ticket = Ticket([context], 1, max_tokens, 0.0, None, None)
+        scheduler.submit(ticket)
+        return (await collect(ticket))[0][0]
+
+    async def main():
+        reply = await turn(first, 30)
+        second = first + reply + [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+        return second, await turn(second, 20)
+
+    second, tokens = run(scheduler, main())
+    assert tokens == greedy_reference(model, tokenizer, second, 20)
+    counters = scheduler.counters
+    assert counters["prefix_hits"] == 1 and counters["prefix_lookups"] == 2
+    assert counters["prefix_tokens_reused"] >= len(first) + 29  # all but the last reply token was in the cache
+
+
+def test_no_prefix_cache_rows_means_no_reuse(model, tokenizer):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, prefix_cache_rows=0)
+    p = prompts(4, seed=18)[-1]
+
+    async def main():
+        for _ in range(2):
+            ticket = Ticket([p], 1, 8, 0.0, None, None)
+            scheduler.submit(ticket)
+            assert (await collect(ticket))[0][0] == greedy_reference(model, tokenizer, p, 8)
+
+    run(scheduler, main())
+    assert scheduler.counters["prefix_hits"] == 0 and scheduler.kv_cache.batch_size == 2

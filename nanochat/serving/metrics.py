@@ -41,6 +41,10 @@ class ServerMetrics:
             lambda: sum(s.speculative_counts()[1] for s in schedulers))
         Gauge("nanochat_speculative_acceptance_rate", "Accepted / drafted tokens (0 before any draft)",
               registry=r).set_function(lambda: _acceptance_rate(schedulers))
+        Gauge("nanochat_prefix_cache_hit_rate", "Prefills that reused a cached prefix / all prefills (0 before any)",
+              registry=r).set_function(lambda: _ratio(schedulers, "prefix_hits", "prefix_lookups"))
+        Gauge("nanochat_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache instead of computed",
+              registry=r).set_function(lambda: sum(s.counters.get("prefix_tokens_reused", 0) for s in schedulers))
 
     def render(self):
         return generate_latest(self.registry)
@@ -50,3 +54,8 @@ def _acceptance_rate(schedulers):
     drafted = sum(s.speculative_counts()[0] for s in schedulers)
     accepted = sum(s.speculative_counts()[1] for s in schedulers)
     return accepted / drafted if drafted else 0.0
+
+
+def _ratio(schedulers, part, whole):
+    total = sum(s.counters.get(whole, 0) for s in schedulers)
+    return sum(s.counters.get(part, 0) for s in schedulers) / total if total else 0.0

@@ -14,7 +14,9 @@ prefill_chunk_tokens long is prefilled in one step straight into the slot after 
 together with the other short prompts of that step. A longer one is read one chunk per step in the last
 slot (one such prompt at a time) and then copied down, so it never stalls the running streams for more
 than one chunk's forward. The later samples of a prompt (n > 1) wait, prefilling, for the first: they
-copy its slot instead of recomputing it.
+copy its slot instead of recomputing it. A finished sequence's KV is kept in a few extra cache rows
+(serving/prefix_cache.py): a context that starts with it (the next turn of a chat) copies it and is
+prefilled only from there.
 
 Each sequence samples with its request's temperature / top-k / top-p and its request's seeded generator.
 A failure while sampling or emitting one sequence's token ends only that sequence's request (an error
@@ -42,6 +44,7 @@ import torch
 from nanochat.common import autocast_context
 from nanochat.engine import Engine, KVCache, RowState
 from nanochat.sampling import process_logits, sample_from_probs
+from nanochat.serving.prefix_cache import PrefixCache
 from nanochat.serving.tickets import Overloaded, count_queued
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ class Sequence:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size=32, max_running_requests=None, max_queued_requests=128,
                  draft=None, speculative_proposals=0, max_prefill_tokens=None, prefill_chunk_tokens=512,
-                 name="replica-0", deliver=None):
+                 prefix_cache_rows=8, name="replica-0", deliver=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.engine = Engine(model, tokenizer, draft=draft)
         self.device = model.get_device()
@@ -90,10 +93,11 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.autocast = autocast_context(self.device.type)
         with self.autocast:  # the cache takes the compute dtype (bf16 under autocast), not the fp32 weights'
-            self.kv_cache = KVCache.for_model(model, max_batch_size, self.context_len)
+            self.kv_cache = KVCache.for_model(model, max_batch_size + prefix_cache_rows, self.context_len)
         cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache.tensors.values())
-        logger.info(f"{name}: KV cache {max_batch_size} rows x {self.context_len} tokens = {cache_bytes / 2**30:.2f} GiB "
-                    f"on {self.device} (lower --max-batch-size to use less)")
+        logger.info(f"{name}: KV cache ({max_batch_size} batch + {prefix_cache_rows} prefix rows) x {self.context_len} "
+                    f"tokens = {cache_bytes / 2**30:.2f} GiB on {self.device} (lower --max-batch-size or "
+                    f"--prefix-cache-rows to use less)")
         self.waiting = deque()  # tickets not admitted yet, first come first served
         self.prefilling = []  # admitted sequences whose context is not (all) in their slot yet
         self.running = []  # running[j] is in slot j
@@ -104,6 +108,7 @@ class Scheduler:
         self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(7), "little"))
         self.seconds_per_request = 2.0  # running average, for Retry-After
         self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
+        self.prefix_cache = PrefixCache(self.kv_cache, max_batch_size, prefix_cache_rows, self.counters)
         self._cond = threading.Condition()
         self._stopping = False
         self._ending = {}  # "waiting" / "running" -> the error message those tickets get at the next step
@@ -270,25 +275,33 @@ class Scheduler:
     # ------------------------------------------------------------------ prefill
 
     def _prefill(self):
-        """The chunked prefill advances one chunk; short contexts are prefilled whole, as many as the budget allows."""
+        """
+        Short contexts (what is left of them after a reused prefix) are prefilled whole, as many as the budget
+        allows; the chunked prefill of one long context advances one chunk.
+        """
         chunked = next((s for s in self.prefilling if s.slot is not None), None)
-        short, longest = [], 0
+        short, reuse, longest = [], [], 0
         for seq in self.prefilling:
             if seq.leader is not None or seq is chunked:
                 continue
-            length = len(seq.context())
+            context = seq.context()
+            row, n = self.prefix_cache.match(context)
+            length = len(context) - n
             if length > self.prefill_chunk_tokens:
                 if chunked is None:  # one long context at a time, in the last slot
-                    chunked, seq.slot, seq.cached = seq, self.max_rows - 1, 0
+                    chunked, seq.slot = seq, self.max_rows - 1
+                    seq.cached = self.prefix_cache.load(row, n, seq.slot)
                 continue
             if short and (len(short) + 1) * max(longest, length) > self.max_prefill_tokens:
                 break
             short.append(seq)
+            reuse.append((row, n))
             longest = max(longest, length)
+        if short:  # first: a sequence finishing in the chunked step could evict the rows they reuse
+            self._guarded([*short, *(f for s in short for f in self._followers(s))], self._prefill_short, short, reuse,
+                          longest)
         if chunked is not None:
             self._guarded([chunked, *self._followers(chunked)], self._prefill_chunk, chunked)
-        if short:
-            self._guarded([*short, *(f for s in short for f in self._followers(s))], self._prefill_short, short, longest)
 
     def _followers(self, leader):
         return [s for s in self.prefilling if s.leader is leader]
@@ -297,8 +310,6 @@ class Scheduler:
         """One chunk of a long context into its slot; when it is all in, it starts running."""
         context = seq.context()
         view = self.kv_cache.view(seq.slot, seq.slot + 1)
-        if seq.cached == 0:
-            view.reset()
         chunk = context[seq.cached:seq.cached + self.prefill_chunk_tokens]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self.model(ids, kv_cache=view, logits_at=torch.tensor([len(chunk) - 1], device=self.device))[:, 0]
@@ -307,21 +318,27 @@ class Scheduler:
         if seq.cached == len(context):
             self._start_running([seq], logits)
 
-    def _prefill_short(self, leaders, longest):
-        """Whole contexts, right-padded to the longest, straight into the slots after the running sequences."""
-        contexts = [seq.context() for seq in leaders]
-        lengths = [len(c) for c in contexts]
+    def _prefill_short(self, leaders, reuse, longest):
+        """
+        What is left of each context after its reused prefix (if any), right-padded to the longest, in one
+        forward straight into the slots after the running sequences.
+        """
         start = len(self.running)
+        for i, (seq, (row, n)) in enumerate(zip(leaders, reuse)):
+            # a row's padded positions must fit the context: reuse less rather than overflow
+            seq.slot = start + i
+            seq.cached = self.prefix_cache.load(row, min(n, self.context_len - longest), seq.slot)
+        rests = [seq.context()[seq.cached:] for seq in leaders]
         view = self.kv_cache.view(start, start + len(leaders))
-        view.reset()  # the slots may hold a departed sequence's length
         pad = self.tokenizer.get_pad_token_id()
-        ids = torch.tensor([c + [pad] * (longest - len(c)) for c in contexts], dtype=torch.long, device=self.device)
-        last = torch.tensor(lengths, device=self.device) - 1
+        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rests], dtype=torch.long, device=self.device)
+        last = torch.tensor([len(r) - 1 for r in rests], device=self.device)
         logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (leaders, V)
-        view.set_lengths(lengths)  # right padding sits past each row's length: never attended, overwritten later
-        self.counters["prefill_tokens"] += sum(lengths)
-        for i, seq in enumerate(leaders):
-            seq.slot, seq.cached = start + i, lengths[i]
+        # right padding sits past each row's length: never attended, overwritten later
+        view.set_lengths([seq.cached + len(r) for seq, r in zip(leaders, rests)])
+        self.counters["prefill_tokens"] += sum(map(len, rests))
+        for seq, rest in zip(leaders, rests):
+            seq.cached += len(rest)
         self._start_running(leaders, logits)
 
     def _start_running(self, leaders, logits):
@@ -422,14 +439,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ leaving
 
-    def _finish(self, sequences, rejoin=False):
+    def _finish(self, sequences, rejoin=False, keep_prefix=True):
         """
         Sequences leave the running and prefilling queues: finished (and their tickets closed when it was
         their last row), or with rejoin=True back to prefilling from the start (a speculative run ending).
+        A finished running sequence's KV goes to the prefix cache (unless it failed: keep_prefix=False).
         The last running sequences move into the freed slots to keep the running ones packed.
         """
         if not sequences:
             return
+        for seq in sequences:
+            if keep_prefix and not rejoin and seq.status == RUNNING and seq.slot is not None:
+                self.prefix_cache.store(seq.slot, seq.context()[:int(self.kv_cache.lengths[seq.slot])])
         leaving = set(map(id, sequences))
         keep = len(self.running) - sum(id(s) in leaving for s in self.running)
         holes = [j for j in range(keep) if id(self.running[j]) in leaving]
@@ -465,7 +486,7 @@ class Scheduler:
         for ticket in tickets:
             if message is not None:
                 self.outbox[ticket] = [("error", None, message)]
-        self._finish([s for s in self.running + self.prefilling if s.ticket in tickets])
+        self._finish([s for s in self.running + self.prefilling if s.ticket in tickets], keep_prefix=False)
 
     # ------------------------------------------------------------------ speculative decoding of a lone sequence
 
@@ -479,7 +500,7 @@ class Scheduler:
         seq = (self.running + self.prefilling)[0]
         if seq.speculative is None:  # its slot is abandoned: the engine keeps its own caches
             self.prefilling, self.running = [], [seq]
-            seq.status, seq.slot = RUNNING, 0
+            seq.status, seq.slot = RUNNING, None
             # an unseeded request gets a seed from the host: the replica's generator lives on its device
             seed = seq.ticket.seed if seq.ticket.seed is not None else secrets.randbits(62)
             seed = (seed + len(seq.generated)) % 2**63  # a rejoin must not replay the first segment's draws

@@ -61,7 +61,8 @@ def _worker_main(spec, commands, events):
         scheduler = Scheduler(model, tokenizer, max_batch_size=spec["max_batch_size"],
                               max_running_requests=spec["max_running_requests"], max_queued_requests=2**31,
                               draft=draft, speculative_proposals=spec["speculative_proposals"],
-                              prefill_chunk_tokens=spec["prefill_chunk_tokens"], name=spec["name"],
+                              prefill_chunk_tokens=spec["prefill_chunk_tokens"],
+                              prefix_cache_rows=spec["prefix_cache_rows"], name=spec["name"],
                               deliver=lambda outbox: send(("step", [(t.id, e) for t, e in outbox.items()], _status(scheduler))))
     except Exception as e:  # a missing checkpoint, out of memory: the front reports it and exits
         send(("failed", f"{type(e).__name__}: {e}"))
