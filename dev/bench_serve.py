@@ -7,6 +7,11 @@ Serving throughput and latency of the real server (python -m scripts.chat_web) i
   4. replicas in worker processes (--cpu-workers): aggregate tokens/s of 2 workers at 2N clients against 1
      worker at N clients (--scaling-clients N, default 16; target >= 1.3x on 2 cores, where the 2 workers and
      the HTTP front share 2 cores; on 8 GPUs each worker has a GPU and a core of its own)
+  5. overload: 16x the batch slots of clients for 60 s against the server's own admission limits: completed
+     tokens/s against the best level of stage 1 (target >= 85%), 503 share, p95 latency of admitted requests,
+     admitted requests that failed (must be 0)
+  6. prefix reuse: time to first token of turn 5 of a chat whose first message is ~900 tokens, with the prefix
+     cache and without (target >= 3x lower with), and the hit rate from /metrics
 
 python dev/bench_serve.py                                   a temporary tiny sft checkpoint, all levels
 python dev/bench_serve.py --base-dir ~/.cache/nanochat -g d20 --max-tokens 64    a real sft checkpoint
@@ -74,13 +79,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(args, base_dir, port, log_file, extra=()):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
-    env.pop("NANOCHAT_API_KEYS", None)  # loopback without keys: auth is off
+def start_server(args, base_dir, port, log_file, extra=(), env=None):
+    environment = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
+    environment.pop("NANOCHAT_API_KEYS", None)  # loopback without keys: auth is off
     # The benchmark is one caller firing hundreds of requests a minute with up to 32 in flight; lift the
-    # admission limits (concurrent requests, queue, per-key rate limit) so it measures generation, not 429/503.
-    env.update(NANOCHAT_MAX_CONCURRENT_REQUESTS="1024", NANOCHAT_MAX_QUEUED_REQUESTS="4096",
-               NANOCHAT_RATE_LIMIT_MAX_REQUESTS="1000000")
+    # admission limits (concurrent requests, queue, per-key rate limit) so it measures generation, not 429/503
+    # (the overload stage sets its own).
+    environment.update(NANOCHAT_MAX_CONCURRENT_REQUESTS="1024", NANOCHAT_MAX_QUEUED_REQUESTS="4096",
+                       NANOCHAT_RATE_LIMIT_MAX_REQUESTS="1000000", **(env or {}))
+    env = environment
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), *extra] + (["-g", args.model_tag] if args.model_tag else [])
     pin = (lambda: os.sched_setaffinity(0, args.server_cpus)) if args.server_cpus else None  # before torch starts
@@ -262,9 +269,7 @@ def worker_scaling(args, base_dir, log_file):
     on 2 cores the front, the clients and two such workers just take turns; with a step that computes,
     as on a GPU, the second worker brings its own core's work.
     """
-    if not args.base_dir:
-        base_dir = os.path.join(base_dir, "scaling")
-        make_tiny_checkpoint(base_dir, args.scaling_depth, args.scaling_width)
+    base_dir = compute_model_dir(args, base_dir)
     rows = []
     for workers in (1, 2):
         clients = args.scaling_clients * workers
@@ -281,6 +286,127 @@ def worker_scaling(args, base_dir, log_file):
         print(f"{r['seconds']:.1f} s, {r['tokens_per_second']:,.0f} tok/s, {r['failed']} failed", flush=True)
         rows.append(r)
     return rows
+
+
+def compute_model_dir(args, base_dir):
+    """The model the worker-scaling and prefix stages serve: a step that computes, as on a GPU (see worker_scaling)."""
+    if args.base_dir:
+        return base_dir
+    model_dir = os.path.join(base_dir, "compute")
+    if not os.path.exists(model_dir):
+        make_tiny_checkpoint(model_dir, args.scaling_depth, args.scaling_width)
+    return model_dir
+
+
+async def chat_turns(http, model, first_message, turns, max_tokens):
+    """A chat of `turns` turns (each resending the whole history); returns the last turn's time to first token (s)."""
+    messages = [{"role": "user", "content": first_message}]
+    for turn in range(turns):
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        t0, ttft, reply = time.perf_counter(), None, ""
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        if choice["delta"].get("content"):
+                            ttft = ttft or time.perf_counter() - t0
+                            reply += choice["delta"]["content"]
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": PROMPTS[turn]}]
+    return ttft
+
+
+def prefix_reuse(args, base_dir, log_file):
+    """
+    Time to first token of turn 5 of chats whose first message is --prefix-history-tokens long, with the prefix
+    cache (the history's KV is copied) and without (--prefix-cache-rows 0: re-read every turn), and the hit rate.
+    """
+    from nanochat.tokenizer import RustBPETokenizer
+    model_dir = compute_model_dir(args, base_dir)
+    tokenizer = RustBPETokenizer.from_directory(os.path.join(model_dir, "tokenizer"))
+    words, first = " ".join(PROMPTS).split(), []
+    while len(tokenizer.encode(" ".join(first))) < args.prefix_history_tokens:
+        first.append(words[len(first) % len(words)])
+    results = {}
+    for rows in (8, 0):
+        process, url = start_server(args, model_dir, free_port(), log_file, extra=["--prefix-cache-rows", str(rows)])
+        try:
+            async def chats():
+                async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout) as http:
+                    model = (await http.get("/v1/models")).json()["data"][0]["id"]
+                    return [await chat_turns(http, model, " ".join(first[i:] + first[:i]), 5, 16) for i in range(3)]
+            ttfts = sorted(asyncio.run(chats()))
+            text = httpx.get(url + "/metrics", trust_env=False).text
+            hit_rate = float(next(line.split()[-1] for line in text.splitlines()
+                                  if line.startswith("nanochat_prefix_cache_hit_rate ")))
+        finally:
+            stop_server(process)
+        results[rows] = {"turn5_ttft_ms": round(1000 * ttfts[1], 1), "hit_rate": round(hit_rate, 3)}
+        print(f"prefix cache rows {rows}: turn-5 TTFT (median of 3 chats) {results[rows]['turn5_ttft_ms']} ms, "
+              f"hit rate {hit_rate:.2f}", flush=True)
+    ratio = results[0]["turn5_ttft_ms"] / results[8]["turn5_ttft_ms"]
+    print(f"turn-5 TTFT without reuse / with: {ratio:.1f}x")
+    return {"history_tokens": args.prefix_history_tokens, "with_reuse": results[8], "without_reuse": results[0],
+            "ttft_ratio": round(ratio, 2), "target_met": ratio >= 3}
+
+
+def overload(args, base_dir, log_file, peak_tps):
+    """
+    --overload-factor x the batch slots of looping clients for --overload-seconds against the server's own
+    admission limits (a request past them gets 503 and its client retries after 50 ms): completed tokens/s
+    against the best level of stage 1, the 503 share, and p95 latency and failures of admitted requests.
+    """
+    env = {"NANOCHAT_MAX_CONCURRENT_REQUESTS": str(args.max_batch_size), "NANOCHAT_MAX_QUEUED_REQUESTS": str(args.max_batch_size)}
+    process, url = start_server(args, base_dir, free_port(), log_file, env=env)
+    clients = args.overload_factor * args.max_batch_size
+    done = {"tokens": 0, "admitted": 0, "refused": 0, "failed": 0, "latencies": []}
+
+    async def client(http, model, index, deadline):
+        rng = random.Random(index)
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                count, _ = await stream_httpx(http, model, rng.choice(PROMPTS), args.max_tokens)
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code == 503:
+                    done["refused"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                count = None
+            except Exception:  # noqa: BLE001 (an admitted request that did not complete)
+                count = None
+            done["admitted"] += 1
+            if count is None:
+                done["failed"] += 1
+            else:
+                done["tokens"] += count
+                done["latencies"].append(time.perf_counter() - t0)
+
+    async def run():
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits) as http:
+            model = (await http.get("/v1/models")).json()["data"][0]["id"]
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(http, model, i, t0 + args.overload_seconds) for i in range(clients)))
+            return time.perf_counter() - t0
+
+    try:
+        print(f"overload: {clients} clients for {args.overload_seconds:g} s against {args.max_batch_size} slots...",
+              end=" ", flush=True)
+        seconds = asyncio.run(run())
+    finally:
+        stop_server(process)
+    latencies = sorted(done["latencies"])
+    tps = done["tokens"] / seconds
+    result = {"clients": clients, "seconds": round(seconds, 1), "tokens_per_second": round(tps, 1),
+              "of_peak": round(tps / peak_tps, 3) if peak_tps else None,
+              "refused_share": round(done["refused"] / max(1, done["refused"] + done["admitted"]), 3),
+              "admitted": done["admitted"], "admitted_failed": done["failed"],
+              "admitted_p95_latency_ms": round(1000 * latencies[math.ceil(0.95 * len(latencies)) - 1], 1) if latencies else None}
+    result["target_met"] = bool(peak_tps) and tps >= 0.85 * peak_tps and done["failed"] == 0
+    print(f"{tps:,.0f} tok/s ({result['of_peak']} of peak), {result['refused_share']:.0%} refused, "
+          f"{done['failed']} admitted failed, p95 {result['admitted_p95_latency_ms']} ms", flush=True)
+    return result
 
 
 def main():
@@ -300,6 +426,10 @@ def main():
                    help="worker scaling: N clients for 1 worker process, 2N for 2 (0: skip the stage)")
     p.add_argument("--scaling-depth", type=int, default=4, help="worker scaling: layers of the temporary model")
     p.add_argument("--scaling-width", type=int, default=512, help="worker scaling: width of the temporary model")
+    p.add_argument("--prefix-history-tokens", type=int, default=900,
+                   help="prefix reuse: tokens of the chats' first message (0: skip the stage)")
+    p.add_argument("--overload-factor", type=int, default=16, help="overload: clients per batch slot (0: skip)")
+    p.add_argument("--overload-seconds", type=float, default=60)
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.server_cpus = {int(x) for x in args.server_cpus.split(",")} if args.server_cpus else None
@@ -316,7 +446,10 @@ def main():
                 server = scrape_metrics(url)
             finally:
                 stop_server(process)
+            peak = max((r["tokens_per_second"] for r in rows), default=None)
+            overloaded = overload(args, base_dir, log_file, peak) if args.overload_factor else None
             scaling = worker_scaling(args, base_dir, log_file) if args.scaling_clients else []
+            prefix = prefix_reuse(args, base_dir, log_file) if args.prefix_history_tokens else None
             log_file.seek(0)
             problems = [line for line in log_file if "Traceback" in line or "ERROR" in line or "failed" in line]
     server["log_problem_lines"] = len(problems)
@@ -340,6 +473,10 @@ def main():
                                      "two_workers_tokens_per_second": round(two["tokens_per_second"], 1),
                                      "ratio": round(ratio, 2), "target_met": ratio >= 1.3,
                                      "failed": one["failed"] + two["failed"]}
+    if overloaded:
+        summary["overload"] = overloaded
+    if prefix:
+        summary["prefix_reuse"] = prefix
     print(json.dumps(summary))
 
 

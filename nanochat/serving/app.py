@@ -9,7 +9,9 @@ The HTTP server: FastAPI routes over the continuous-batching schedulers.
     GET  /health, GET /metrics   readiness and Prometheus metrics (no key needed)
 
 Every generation route goes through the same steps: API key -> rate limit -> parse and validate ->
-render the prompt -> submit a Ticket -> read its events. Errors always have OpenAI's body shape.
+render the prompt -> submit a Ticket -> read its events. Each route is a plain function that reads the
+server's state from request.app.state.nanochat; responses are built from protocol.py's pydantic models
+(the same ones the OpenAPI schema shows), and errors always have OpenAI's body shape.
 """
 
 import asyncio
@@ -33,12 +35,19 @@ from nanochat.serving.origins import OriginGuard
 from nanochat.serving.protocol import (
     BatchCompletionRequest,
     BatchCompletionResponse,
+    BatchResult,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
     ErrorResponse,
+    ModelCard,
     ModelList,
     RequestError,
+    ResponseMessage,
+    Usage,
     error_body,
     parse_batch_request,
     parse_request,
@@ -70,8 +79,11 @@ class GenerationFailed(Exception):
 
 
 class ServerState:
-    def __init__(self, schedulers, tokenizer, config, model_name):
+    """What every route reads (request.app.state.nanochat): the replicas, the config, limiters and metrics."""
+
+    def __init__(self, schedulers, tokenizer, config, model_name, page):
         self.schedulers, self.tokenizer, self.config, self.model_name = schedulers, tokenizer, config, model_name
+        self.page = page  # the chat UI's HTML
         self.context_len = schedulers[0].context_len
         self.max_batch_size = schedulers[0].max_rows
         self.created = int(time.time())
@@ -273,11 +285,6 @@ async def _text_events(ticket, tokenizer, stop, request=None):
             yield updates
 
 
-def _usage(prompt_tokens, completion_tokens):
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def _record(state, route, caller, request_id, arrived, ticket, prompt_tokens, status=200, finish=None):
     """Metrics and the one log line of a generation request."""
     now = time.monotonic()
@@ -378,24 +385,224 @@ def _openapi_docs(components, config, max_batch_size):
     return dict(chat=chat, ui=ui, batch=batch, models=models)
 
 
+# ---------------------------------------------------------------------------------------------- responses
+
+def _usage(prompt_tokens, completion_tokens):
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def _chunk(state, meta, choices, usage=None):
+    """One SSE event of an OpenAI stream; fields left None (delta's role/content, finish_reason) are omitted."""
+    chunk = ChatCompletionChunk(id=meta["request_id"], created=meta["created"], model=state.model_name,
+                                choices=choices, usage=usage)
+    return _sse(chunk.model_dump_json(exclude_none=True))
+
+
+def _error_event(e):
+    return _sse(json.dumps(error_body(f"{e}; retry later", "server_error", code="generation_failed")))
+
+
+async def _complete(state, ticket, stop, meta, request):
+    """Non-streaming: every row's whole text and finish reason (a 503 if generation failed)."""
+    texts, finishes, status = [""] * ticket.num_rows, ["stop"] * ticket.num_rows, 200
+    try:
+        async for updates in _text_events(ticket, state.tokenizer, _stop_list(stop), request):
+            for row, piece, finish in updates:
+                texts[row] += piece
+                finishes[row] = finish or finishes[row]
+    except GenerationFailed as e:
+        status = 503
+        raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
+                       headers={"Retry-After": "1"}) from None
+    finally:
+        _finish(state, ticket, meta, status, ",".join(sorted(set(finishes))))
+    return texts, finishes
+
+
+async def _openai_stream(state, ticket, req, meta):
+    status, finishes = 200, set()
+    try:
+        for i in range(ticket.num_rows):
+            yield _chunk(state, meta, [ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        async for updates in _text_events(ticket, state.tokenizer, _stop_list(req.stop)):
+            out = []
+            for row, piece, finish in updates:
+                if piece:
+                    out.append(_chunk(state, meta, [ChunkChoice(index=row, delta=Delta(content=piece))]))
+                if finish:
+                    finishes.add(finish)
+                    out.append(_chunk(state, meta, [ChunkChoice(index=row, delta=Delta(), finish_reason=finish)]))
+            if out:
+                yield "".join(out)  # several SSE events in one write
+        if req.stream_options and req.stream_options.include_usage:
+            yield _chunk(state, meta, [], _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)))
+        yield _sse("[DONE]")
+    except GenerationFailed as e:
+        status = 503
+        yield _error_event(e)
+    finally:  # also runs when the client disconnects: the ticket's rows leave the batch
+        _finish(state, ticket, meta, status if finishes or status != 200 else 499, ",".join(sorted(finishes)))
+
+
+async def _ui_stream(state, ticket, req, meta):
+    """The UI's own wire format: {"token": piece} events, then {"done", "finish_reason", "usage"}."""
+    status, finish_reason = 200, None
+    try:
+        async for updates in _text_events(ticket, state.tokenizer, _stop_list(req.stop)):
+            text = "".join(_sse(json.dumps({"token": piece})) for _, piece, _ in updates if piece)
+            if text:
+                yield text
+            finish_reason = next((f for _, _, f in updates if f), finish_reason)
+        usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+        yield _sse(json.dumps({"done": True, "finish_reason": finish_reason, "usage": usage.model_dump()}))
+    except GenerationFailed as e:
+        status = 503
+        yield _error_event(e)
+    finally:
+        _finish(state, ticket, meta, status if finish_reason or status != 200 else 499, finish_reason)
+
+
+def _finish(state, ticket, meta, status, finish):
+    ticket.scheduler.cancel(ticket)  # a no-op for a finished ticket; frees the rows of one whose client left
+    _record(state, meta["route"], meta["caller"], meta["request_id"], meta["arrived"], ticket,
+            meta["prompt_tokens"], status, finish)
+
+
+def _meta(route, caller, arrived, prefix, prompt_tokens):
+    """What a generation request's response and its log line need."""
+    return dict(route=route, caller=caller, arrived=arrived, created=int(time.time()),
+                request_id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_tokens=prompt_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+async def index(request: Request):
+    return HTMLResponse(request.app.state.nanochat.page)
+
+
+async def health(request: Request):
+    state = request.app.state.nanochat
+    replicas = [{"name": s.name, "device": str(s.device), "pid": s.pid, "alive": s.alive, "running": s.rows_in_use(),
+                 "queued": s.queued(), "generated_tokens": s.counters["generated_tokens"]} for s in state.schedulers]
+    ready = all(r["alive"] for r in replicas) and not state.draining
+    status = "shutting down" if state.draining else "ok" if ready else "degraded"
+    return {"status": status, "ready": ready, "model": state.model_name, "replicas": replicas,
+            "running": sum(r["running"] for r in replicas), "queued": sum(r["queued"] for r in replicas),
+            "auth": "on" if state.config.valid_api_keys else "off"}
+
+
+async def metrics(request: Request):
+    state = request.app.state.nanochat
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def list_models(request: Request):
+    state = request.app.state.nanochat
+    _authorize(state, request)
+    return ModelList(data=[ModelCard(id=state.model_name, created=state.created)]).model_dump()
+
+
+async def chat_completions(request: Request):
+    """POST /v1/chat/completions: OpenAI's Chat Completions, streamed (SSE) or whole."""
+    state, arrived = request.app.state.nanochat, time.monotonic()
+    caller = _authorize(state, request)
+    req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
+    ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
+    meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt))
+    if req.stream:
+        return TicketStreamingResponse(_openai_stream(state, ticket, req, meta), ticket)
+    texts, finishes = await _complete(state, ticket, req.stop, meta, request)
+    return ChatCompletionResponse(
+        id=meta["request_id"], created=meta["created"], model=state.model_name,
+        choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=finish)
+                 for i, (text, finish) in enumerate(zip(texts, finishes))],
+        usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))).model_dump()
+
+
+async def ui_chat_completions(request: Request):
+    """POST /chat/completions: the chat UI's stream of one reply."""
+    state, arrived = request.app.state.nanochat, time.monotonic()
+    caller = _authorize(state, request)
+    req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
+    if req.n != 1:  # its token events carry no row: replies would interleave
+        raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
+                       param="n", code="invalid_value")
+    ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed)
+    meta = _meta("/chat/completions", caller, arrived, "chatcmpl", len(prompt))
+    return TicketStreamingResponse(_ui_stream(state, ticket, req, meta), ticket)
+
+
+def _prepare_batch(state, body):
+    """Validated batch -> (batch, its requests as chat requests, max_tokens, sampling); each checked like a chat."""
+    try:
+        batch = parse_batch_request(body)
+        chat_requests = batch.as_chat_requests()
+        for i, chat_request in enumerate(chat_requests):
+            try:
+                validate_against_config(chat_request, state.config)
+            except RequestError as e:
+                if e.param and e.param.startswith("messages"):
+                    raise RequestError(f"requests[{i}]: {e.message}", f"requests[{i}].{e.param}") from None
+                raise
+        max_tokens = resolve_max_tokens(chat_requests[0], state.config)
+        sampling = resolve_sampling(chat_requests[0], state.config)
+    except RequestError as e:
+        raise _bad_request(e) from None
+    _check_model(state, batch.model)
+    if len(chat_requests) > state.max_batch_size:
+        raise APIError(400, f"{len(chat_requests)} requests exceed the server's batch size {state.max_batch_size}",
+                       param="requests")
+    return batch, chat_requests, max_tokens, sampling
+
+
+async def batch_completions(request: Request):
+    """POST /v1/batch/completions: several conversations generated together, one result each."""
+    state, arrived = request.app.state.nanochat, time.monotonic()
+    caller = _authorize(state, request)
+    batch, chat_requests, max_tokens, sampling = _prepare_batch(state, await _read_json(state, request))
+    prompts = [_render_prompt(state, r.messages, f"requests[{i}].messages") for i, r in enumerate(chat_requests)]
+    ticket = _submit(state, prompts, 1, max_tokens, sampling, batch.seed)
+    meta = _meta("/v1/batch/completions", caller, arrived, "batch", sum(map(len, prompts)))
+    texts, finishes = await _complete(state, ticket, batch.stop, meta, request)
+    results = [BatchResult(index=i, message=ResponseMessage(content=text), finish_reason=finish,
+                           usage=_usage(len(prompt), stream.num_tokens))
+               for i, (text, finish, prompt, stream) in enumerate(zip(texts, finishes, prompts, ticket.streams))]
+    return BatchCompletionResponse(id=meta["request_id"], created=meta["created"], model=state.model_name,
+                                   results=results,
+                                   usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+                                   ).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------- errors: OpenAI's shape
+
+async def api_error(request, e):
+    request.app.state.nanochat.metrics.requests.labels(request.url.path, str(e.status)).inc()
+    logger.info(f"{request.url.path} {e.status} {e.message}")
+    return _error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+
+async def http_error(request, e):
+    request.app.state.nanochat.metrics.requests.labels("other", str(e.status_code)).inc()
+    if e.status_code == 404:
+        return _error_response(404, f"Unknown route: {request.method} {request.url.path}",
+                               "invalid_request_error", code="not_found")
+    return _error_response(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers)
+
+
+async def validation_error(request, e):
+    return _error_response(400, str(e.errors()[0].get("msg", "invalid request")), "invalid_request_error")
+
+
+async def unexpected_error(request, e):
+    logger.exception(f"{request.url.path}: unexpected error")
+    return _error_response(500, "internal server error", "server_error")
+
+
 # ---------------------------------------------------------------------------------------------- the app
 
-def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_host=None, cors_origins=()):
-    """
-    schedulers: one started Scheduler per replica. bound_host: the address the server listens on (a loopback
-    one answers loopback Host names only); cors_origins: browser origins allowed besides the server's own
-    (serving/origins.py). Returns the FastAPI app.
-    """
-    state = ServerState(schedulers, tokenizer, config, model_name)
-    components = {}
-    docs = _openapi_docs(components, config, schedulers[0].max_rows)
-    app = FastAPI(title="nanochat", version="1.0", description="Chat with a nanochat model; OpenAI-compatible API.")
-    app.state.nanochat = state
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
-    app.add_middleware(OriginGuard, bound_host=bound_host or "", cors_origins=cors_origins)  # added last: outermost
-    ui_html = ui_html or files("nanochat.serving").joinpath("ui.html").read_text(encoding="utf-8")
+def _ui_page(ui_html, config, model_name):
+    """ui.html with this server's model and sampling bounds filled in."""
     ui_config = {
         "model": model_name, "auth_required": bool(config.valid_api_keys), "max_tokens": config.default_max_tokens,
         "temperature": {"min": config.min_temperature, "max": config.max_temperature,
@@ -403,7 +610,37 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_ho
         "top_k": {"min": config.min_top_k, "max": config.max_top_k, "default": config.default_top_k, "step": 1},
         "top_p": {"min": config.min_top_p, "max": config.max_top_p, "default": config.default_top_p, "step": 0.01},
     }
-    page = ui_html.replace(UI_CONFIG_PLACEHOLDER, json.dumps(ui_config).replace("</", "<\\/"))
+    return ui_html.replace(UI_CONFIG_PLACEHOLDER, json.dumps(ui_config).replace("</", "<\\/"))
+
+
+def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_host=None, cors_origins=()):
+    """
+    schedulers: one started Scheduler per replica. bound_host: the address the server listens on (a loopback
+    one answers loopback Host names only); cors_origins: browser origins allowed besides the server's own
+    (serving/origins.py). Returns the FastAPI app.
+    """
+    ui_html = ui_html or files("nanochat.serving").joinpath("ui.html").read_text(encoding="utf-8")
+    state = ServerState(schedulers, tokenizer, config, model_name, _ui_page(ui_html, config, model_name))
+    app = FastAPI(title="nanochat", version="1.0", description="Chat with a nanochat model; OpenAI-compatible API.")
+    app.state.nanochat = state
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(OriginGuard, bound_host=bound_host or "", cors_origins=cors_origins)  # added last: outermost
+
+    components = {}
+    docs = _openapi_docs(components, config, schedulers[0].max_rows)
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], openapi_extra=docs["models"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], openapi_extra=docs["chat"])
+    app.add_api_route("/chat/completions", ui_chat_completions, methods=["POST"], openapi_extra=docs["ui"])
+    app.add_api_route("/v1/batch/completions", batch_completions, methods=["POST"], openapi_extra=docs["batch"])
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
 
     def openapi():
         if app.openapi_schema is None:
@@ -412,196 +649,4 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_ho
             app.openapi_schema = schema
         return app.openapi_schema
     app.openapi = openapi
-
-    # ---------------------------------------------------------------- errors: always OpenAI's shape, never a 500 page
-
-    @app.exception_handler(APIError)
-    async def api_error(request, e):
-        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
-        logger.info(f"{request.url.path} {e.status} {e.message}")
-        return _error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, e):
-        state.metrics.requests.labels("other", str(e.status_code)).inc()
-        if e.status_code == 404:
-            return _error_response(404, f"Unknown route: {request.method} {request.url.path}",
-                                   "invalid_request_error", code="not_found")
-        return _error_response(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e):
-        return _error_response(400, str(e.errors()[0].get("msg", "invalid request")), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request, e):
-        logger.exception(f"{request.url.path}: unexpected error")
-        return _error_response(500, "internal server error", "server_error")
-
-    # ---------------------------------------------------------------- open routes
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        replicas = [{"name": s.name, "device": str(s.device), "pid": s.pid, "alive": s.alive, "running": s.rows_in_use(),
-                     "queued": s.queued(), "generated_tokens": s.counters["generated_tokens"]} for s in schedulers]
-        ready = all(r["alive"] for r in replicas)
-        return {"status": "ok" if ready else "degraded", "ready": ready, "model": model_name, "replicas": replicas,
-                "running": sum(r["running"] for r in replicas), "queued": sum(r["queued"] for r in replicas),
-                "auth": "on" if config.valid_api_keys else "off"}
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics():
-        return Response(state.metrics.render(), media_type=state.metrics.content_type)
-
-    # ---------------------------------------------------------------- key-guarded routes
-
-    @app.get("/v1/models", openapi_extra=docs["models"])
-    async def list_models(request: Request):
-        _authorize(state, request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
-                                            "owned_by": "nanochat"}]}
-
-    @app.post("/v1/chat/completions", openapi_extra=docs["chat"])
-    async def chat_completions(request: Request):
-        return await _chat(request, "/v1/chat/completions", openai_format=True)
-
-    @app.post("/chat/completions", openapi_extra=docs["ui"])
-    async def ui_chat_completions(request: Request):
-        return await _chat(request, "/chat/completions", openai_format=False)
-
-    async def _chat(request, route, openai_format):
-        """The one code path behind both chat routes; only the stream's wire format differs."""
-        arrived = time.monotonic()
-        caller = _authorize(state, request)
-        req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
-        if not openai_format and req.n != 1:  # its token events carry no row: replies would interleave
-            raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
-                           param="n", code="invalid_value")
-        ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
-        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        meta = dict(route=route, caller=caller, request_id=request_id, arrived=arrived, prompt_tokens=len(prompt))
-        if not openai_format:
-            return TicketStreamingResponse(_ui_stream(ticket, req, meta), ticket)
-        if req.stream:
-            return TicketStreamingResponse(_openai_stream(ticket, req, meta), ticket)
-        return await _openai_response(ticket, req, meta, request)
-
-    async def _complete(ticket, stop, meta, request):
-        """Non-streaming: every row's whole text and finish reason (a 503 if generation failed)."""
-        texts, finishes, status = [""] * ticket.num_rows, ["stop"] * ticket.num_rows, 200
-        try:
-            async for updates in _text_events(ticket, tokenizer, _stop_list(stop), request):
-                for row, piece, finish in updates:
-                    texts[row] += piece
-                    finishes[row] = finish or finishes[row]
-        except GenerationFailed as e:
-            status = 503
-            raise APIError(503, f"{e}; retry later", "server_error", code="generation_failed",
-                           headers={"Retry-After": "1"}) from None
-        finally:
-            _finish(ticket, meta, status, ",".join(sorted(set(finishes))))
-        return texts, finishes
-
-    async def _openai_response(ticket, req, meta, request):
-        texts, finishes = await _complete(ticket, req.stop, meta, request)
-        usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
-        return {"id": meta["request_id"], "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "usage": usage,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": None}
-                            for i, (text, finish) in enumerate(zip(texts, finishes))]}
-
-    async def _openai_stream(ticket, req, meta):
-        created, status, finishes = int(time.time()), 200, set()
-
-        def chunk(choices, usage=None):
-            body = {"id": meta["request_id"], "object": "chat.completion.chunk", "created": created,
-                    "model": model_name, "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return _sse(json.dumps(body))
-
-        try:
-            for i in range(ticket.num_rows):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None}])
-            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop)):
-                out = []
-                for row, piece, finish in updates:
-                    if piece:
-                        out.append(chunk([{"index": row, "delta": {"content": piece}, "finish_reason": None,
-                                           "logprobs": None}]))
-                    if finish:
-                        finishes.add(finish)
-                        out.append(chunk([{"index": row, "delta": {}, "finish_reason": finish, "logprobs": None}]))
-                if out:
-                    yield "".join(out)  # several SSE events in one write
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)))
-            yield _sse("[DONE]")
-        except GenerationFailed as e:
-            status = 503
-            yield _sse(json.dumps(error_body(f"{e}; retry later", "server_error", code="generation_failed")))
-        finally:  # also runs when the client disconnects: the ticket's rows leave the batch
-            _finish(ticket, meta, status if finishes or status != 200 else 499, ",".join(sorted(finishes)))
-
-    async def _ui_stream(ticket, req, meta):
-        status, finish_reason = 200, None
-        try:
-            async for updates in _text_events(ticket, tokenizer, _stop_list(req.stop)):
-                text = "".join(_sse(json.dumps({"token": piece})) for _, piece, _ in updates if piece)
-                if text:
-                    yield text
-                finish_reason = next((f for _, _, f in updates if f), finish_reason)
-            usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
-            yield _sse(json.dumps({"done": True, "finish_reason": finish_reason, "usage": usage}))
-        except GenerationFailed as e:
-            status = 503
-            yield _sse(json.dumps(error_body(f"{e}; retry later", "server_error", code="generation_failed")))
-        finally:
-            _finish(ticket, meta, status if finish_reason or status != 200 else 499, finish_reason)
-
-    def _finish(ticket, meta, status, finish):
-        ticket.scheduler.cancel(ticket)  # a no-op for a finished ticket; frees the rows of one whose client left
-        _record(state, meta["route"], meta["caller"], meta["request_id"], meta["arrived"], ticket,
-                meta["prompt_tokens"], status, finish)
-
-    @app.post("/v1/batch/completions", openapi_extra=docs["batch"])
-    async def batch_completions(request: Request):
-        arrived = time.monotonic()
-        caller = _authorize(state, request)
-        try:
-            batch = parse_batch_request(await _read_json(state, request))
-            chat_requests = batch.as_chat_requests()
-            for i, chat_request in enumerate(chat_requests):
-                try:
-                    validate_against_config(chat_request, config)
-                except RequestError as e:
-                    if e.param and e.param.startswith("messages"):
-                        raise RequestError(f"requests[{i}]: {e.message}", f"requests[{i}].{e.param}") from None
-                    raise
-            max_tokens = resolve_max_tokens(chat_requests[0], config)
-            sampling = resolve_sampling(chat_requests[0], config)
-        except RequestError as e:
-            raise _bad_request(e) from None
-        _check_model(state, batch.model)
-        if len(chat_requests) > state.max_batch_size:
-            raise APIError(400, f"{len(chat_requests)} requests exceed the server's batch size {state.max_batch_size}",
-                           param="requests")
-        prompts = [_render_prompt(state, r.messages, f"requests[{i}].messages") for i, r in enumerate(chat_requests)]
-        ticket = _submit(state, prompts, 1, max_tokens, sampling, batch.seed)
-        request_id = f"batch-{uuid.uuid4().hex[:24]}"
-        meta = dict(route="/v1/batch/completions", caller=caller, request_id=request_id, arrived=arrived,
-                    prompt_tokens=sum(map(len, prompts)))
-        texts, finishes = await _complete(ticket, batch.stop, meta, request)
-        results = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                    "usage": _usage(len(prompt), stream.num_tokens)}
-                   for i, (text, finish, prompt, stream) in enumerate(zip(texts, finishes, prompts, ticket.streams))]
-        return {"id": request_id, "object": "batch.completion", "created": int(time.time()), "model": model_name,
-                "results": results, "usage": _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))}
-
     return app
