@@ -10,7 +10,7 @@ Serving throughput and latency of the real server (python -m scripts.chat_web) i
   5. overload: 16x the batch slots of clients for 60 s against the server's own admission limits: completed
      tokens/s against the best level of stage 1 (target >= 85%), 503 share, p95 latency of admitted requests,
      admitted requests that failed (must be 0)
-  6. prefix reuse: time to first token of turn 5 of a chat whose first message is ~900 tokens, with the prefix
+  6. prefix reuse: time to first token of turn 5 of a chat with ~950 tokens of history, with the prefix
      cache and without (target >= 3x lower with), and the hit rate from /metrics
 
 python dev/bench_serve.py                                   a temporary tiny sft checkpoint, all levels
@@ -85,8 +85,8 @@ def start_server(args, base_dir, port, log_file, extra=(), env=None):
     # The benchmark is one caller firing hundreds of requests a minute with up to 32 in flight; lift the
     # admission limits (concurrent requests, queue, per-key rate limit) so it measures generation, not 429/503
     # (the overload stage sets its own).
-    environment.update(NANOCHAT_MAX_CONCURRENT_REQUESTS="1024", NANOCHAT_MAX_QUEUED_REQUESTS="4096",
-                       NANOCHAT_RATE_LIMIT_MAX_REQUESTS="1000000", **(env or {}))
+    environment.update({"NANOCHAT_MAX_CONCURRENT_REQUESTS": "1024", "NANOCHAT_MAX_QUEUED_REQUESTS": "4096",
+                        "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": "1000000", **(env or {})})
     env = environment
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), *extra] + (["-g", args.model_tag] if args.model_tag else [])
@@ -305,7 +305,8 @@ async def chat_turns(http, model, first_message, turns, max_tokens):
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         t0, ttft, reply = time.perf_counter(), None, ""
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
+            if response.status_code != 200:
+                raise SystemExit(f"error: turn {turn + 1} got {response.status_code}: {(await response.aread())[:500]}")
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     for choice in json.loads(line[6:]).get("choices", []):
@@ -359,7 +360,7 @@ def overload(args, base_dir, log_file, peak_tps):
     env = {"NANOCHAT_MAX_CONCURRENT_REQUESTS": str(args.max_batch_size), "NANOCHAT_MAX_QUEUED_REQUESTS": str(args.max_batch_size)}
     process, url = start_server(args, base_dir, free_port(), log_file, env=env)
     clients = args.overload_factor * args.max_batch_size
-    done = {"tokens": 0, "admitted": 0, "refused": 0, "failed": 0, "latencies": []}
+    done = {"tokens": 0, "admitted": 0, "refused": 0, "failed": 0, "latencies": [], "errors": {}}
 
     async def client(http, model, index, deadline):
         rng = random.Random(index)
@@ -372,12 +373,13 @@ def overload(args, base_dir, log_file, peak_tps):
                     done["refused"] += 1
                     await asyncio.sleep(0.05)
                     continue
-                count = None
-            except Exception:  # noqa: BLE001 (an admitted request that did not complete)
-                count = None
+                count, kind = None, f"HTTP {e.response.status_code}"
+            except Exception as e:  # noqa: BLE001 (an admitted request that did not complete)
+                count, kind = None, type(e).__name__
             done["admitted"] += 1
             if count is None:
                 done["failed"] += 1
+                done["errors"][kind] = done["errors"].get(kind, 0) + 1
             else:
                 done["tokens"] += count
                 done["latencies"].append(time.perf_counter() - t0)
@@ -401,11 +403,11 @@ def overload(args, base_dir, log_file, peak_tps):
     result = {"clients": clients, "seconds": round(seconds, 1), "tokens_per_second": round(tps, 1),
               "of_peak": round(tps / peak_tps, 3) if peak_tps else None,
               "refused_share": round(done["refused"] / max(1, done["refused"] + done["admitted"]), 3),
-              "admitted": done["admitted"], "admitted_failed": done["failed"],
+              "admitted": done["admitted"], "admitted_failed": done["failed"], "admitted_errors": done["errors"],
               "admitted_p95_latency_ms": round(1000 * latencies[math.ceil(0.95 * len(latencies)) - 1], 1) if latencies else None}
     result["target_met"] = bool(peak_tps) and tps >= 0.85 * peak_tps and done["failed"] == 0
     print(f"{tps:,.0f} tok/s ({result['of_peak']} of peak), {result['refused_share']:.0%} refused, "
-          f"{done['failed']} admitted failed, p95 {result['admitted_p95_latency_ms']} ms", flush=True)
+          f"{done['failed']} admitted failed {done['errors'] or ''}, p95 {result['admitted_p95_latency_ms']} ms", flush=True)
     return result
 
 
@@ -426,8 +428,8 @@ def main():
                    help="worker scaling: N clients for 1 worker process, 2N for 2 (0: skip the stage)")
     p.add_argument("--scaling-depth", type=int, default=4, help="worker scaling: layers of the temporary model")
     p.add_argument("--scaling-width", type=int, default=512, help="worker scaling: width of the temporary model")
-    p.add_argument("--prefix-history-tokens", type=int, default=900,
-                   help="prefix reuse: tokens of the chats' first message (0: skip the stage)")
+    p.add_argument("--prefix-history-tokens", type=int, default=700,
+                   help="prefix reuse: tokens of the chats' first message, ~950 of history by turn 5 (0: skip the stage)")
     p.add_argument("--overload-factor", type=int, default=16, help="overload: clients per batch slot (0: skip)")
     p.add_argument("--overload-seconds", type=float, default=60)
     args = p.parse_args()

@@ -211,6 +211,25 @@ def _prepare_chat(state, body):
     return req, _render_prompt(state, req.messages), max_tokens, sampling
 
 
+def _overloaded(e):
+    return APIError(503, "the server is at capacity; retry later", "server_error", code="overloaded",
+                    headers={"Retry-After": retry_after_header(e.retry_after)})
+
+
+def _shed(state):
+    """
+    Refuse before the body is read when no replica could queue even a one-row request: past capacity the
+    503s must cost next to nothing, or answering them starves the streams already admitted.
+    """
+    if state.draining:
+        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+    probe = Ticket([[0]], 1, 1, 0.0, None, None)  # the smallest request: one row
+    alive = [s for s in state.schedulers if s.alive]
+    if all(s.queued(extra=probe) > s.max_queued_requests for s in alive):
+        raise _overloaded(min((Overloaded.of(s, s.queued()) for s in alive), key=lambda e: e.retry_after,
+                              default=Overloaded(5)))
+
+
 def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
     if state.draining:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
@@ -220,8 +239,7 @@ def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
     try:
         scheduler.submit(ticket)
     except Overloaded as e:
-        raise APIError(503, "the server is at capacity; retry later", "server_error", code="overloaded",
-                       headers={"Retry-After": retry_after_header(e.retry_after)}) from None
+        raise _overloaded(e) from None
     ticket.scheduler = scheduler
     return ticket
 
@@ -507,6 +525,7 @@ async def chat_completions(request: Request):
     """POST /v1/chat/completions: OpenAI's Chat Completions, streamed (SSE) or whole."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
+    _shed(state)
     req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
     ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
     meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt))
@@ -524,6 +543,7 @@ async def ui_chat_completions(request: Request):
     """POST /chat/completions: the chat UI's stream of one reply."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
+    _shed(state)
     req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
     if req.n != 1:  # its token events carry no row: replies would interleave
         raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
@@ -560,6 +580,7 @@ async def batch_completions(request: Request):
     """POST /v1/batch/completions: several conversations generated together, one result each."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
+    _shed(state)
     batch, chat_requests, max_tokens, sampling = _prepare_batch(state, await _read_json(state, request))
     prompts = [_render_prompt(state, r.messages, f"requests[{i}].messages") for i, r in enumerate(chat_requests)]
     ticket = _submit(state, prompts, 1, max_tokens, sampling, batch.seed)

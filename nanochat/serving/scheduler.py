@@ -32,7 +32,6 @@ through a pipe to the HTTP front instead.
 """
 
 import logging
-import math
 import os
 import secrets
 import threading
@@ -180,8 +179,7 @@ class Scheduler:
             raise ValueError(f"{ticket.num_rows} sequences exceed --max-batch-size {self.max_rows}")
         with self._cond:
             if self.queued(extra=ticket) > self.max_queued_requests:
-                wait = self.seconds_per_request * (self.queued() + 1) / self.max_running_requests
-                raise Overloaded(max(1.0, math.ceil(wait)))
+                raise Overloaded.of(self, self.queued())
             ticket.sequences = [Sequence(ticket, i, self.tokenizer, self.context_len) for i in range(ticket.num_rows)]
             self.waiting.append(ticket)
             self._cond.notify()

@@ -4,6 +4,7 @@ these both for a scheduler in its own process and for replicas in worker process
 """
 
 import asyncio
+import math
 
 
 class Overloaded(Exception):
@@ -12,6 +13,11 @@ class Overloaded(Exception):
     def __init__(self, retry_after):
         super().__init__("the server is at capacity; retry later")
         self.retry_after = retry_after
+
+    @classmethod
+    def of(cls, replica, queued):
+        """For a replica with `queued` tickets waiting: about when one of its request slots frees (>= 1 s)."""
+        return cls(max(1.0, math.ceil(replica.seconds_per_request * (queued + 1) / replica.max_running_requests)))
 
 
 class Ticket:

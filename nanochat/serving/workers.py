@@ -17,7 +17,6 @@ response starts. Messages (pickled):
 """
 
 import logging
-import math
 import multiprocessing
 import os
 import threading
@@ -147,8 +146,7 @@ class WorkerReplica:
             if not self.alive:
                 raise Overloaded(5)
             if self._queued(extra=ticket) > self.max_queued_requests:
-                wait = self.seconds_per_request * (self._queued() + 1) / self.max_running_requests
-                raise Overloaded(max(1.0, math.ceil(wait)))
+                raise Overloaded.of(self, self._queued())
             ticket.id, self._next_id = self._next_id, self._next_id + 1
             ticket.started_at = time.monotonic()
             self._tickets[ticket.id] = ticket
@@ -184,9 +182,9 @@ class WorkerReplica:
     def rows_in_use(self):
         return self._status["rows_in_use"]
 
-    def queued(self):
+    def queued(self, extra=None):
         with self._lock:
-            return self._queued()
+            return self._queued(extra)
 
     def load(self):
         with self._lock:
