@@ -53,8 +53,9 @@ WAITING, PREFILLING, RUNNING, FINISHED = "waiting", "prefilling", "running", "fi
 
 class Sequence:
     """
-    Row `index` of a ticket. While prefilling or running it owns KV cache row `slot`; the slot holds the
-    first `cached` tokens of context() (while running: all but the last generated token, fed next step).
+    Row `index` of a ticket. While prefilling or running it owns KV cache row `slot` (none while decoded
+    speculatively: the engine has its own caches). While prefilling, the slot holds the first `cached`
+    tokens of context(); while running, all but the last generated token, which the next decode step feeds.
     """
 
     def __init__(self, ticket, index, tokenizer, context_len):
