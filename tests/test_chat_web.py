@@ -363,11 +363,12 @@ def test_disconnect_before_the_first_chunk_frees_the_slot(server):
     assert generated_tokens(server) - before < 1000
 
 
-def test_32_concurrent_streams_all_complete(server):
-    async def one(client, i):
+def concurrent_streams(server, temperatures, max_tokens=24):
+    """One streamed request per temperature, all at once, through the openai SDK (it raises on an error event)."""
+    async def one(client, temperature, seed):
         text, finish = "", None
-        stream = await client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24,
-                                                      temperature=0.8, seed=i, stream=True)
+        stream = await client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=max_tokens,
+                                                      temperature=temperature, seed=seed, stream=True)
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
@@ -376,30 +377,20 @@ def test_32_concurrent_streams_all_complete(server):
 
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        return await asyncio.gather(*(one(client, i) for i in range(32)))
+        return await asyncio.gather(*(one(client, t, seed) for seed, t in enumerate(temperatures)))
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_32_concurrent_streams_all_complete(server):
+    results = concurrent_streams(server, [0.8] * 32)
     assert len(results) == 32 and all(finish in ("stop", "length") for _, finish in results)
     assert sum(finish == "length" for _, finish in results) >= 16
 
 
 def test_a_subnormal_temperature_harms_no_concurrent_stream(server, client):
     """temperature=1e-40 overflowed logits / temperature: sampling raised and every stream of the batch failed."""
-    async def one(aclient, temperature, seed):
-        text, finish = "", None
-        stream = await aclient.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24,
-                                                       temperature=temperature, seed=seed, stream=True)
-        async for chunk in stream:  # the SDK raises on an error event
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-                finish = chunk.choices[0].finish_reason or finish
-        return text, finish
-
-    async def main():
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        return await asyncio.gather(*(one(aclient, 1e-40 if i == 3 else 0.8, i) for i in range(8)))
-
-    results = asyncio.run(main())
+    results = concurrent_streams(server, [0.8, 0.8, 0.8, 1e-40, 0.8, 0.8, 0.8, 0.8])
     assert [finish for _, finish in results] == ["length"] * 8
     greedy = client.chat.completions.create(model="sft-d2", messages=USER, max_tokens=24, temperature=0)
     assert results[3][0] == greedy.choices[0].message.content

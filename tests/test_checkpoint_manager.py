@@ -133,13 +133,19 @@ def test_load_model_checks_tokenizer(tmp_path, monkeypatch):
         load_model("sft", "cpu", "eval")
 
 
-def test_restore_training_state(tmp_path):
+def trained_tiny():
+    """A tiny model and its optimizers after one step (so the optimizers have state)."""
     model = tiny_model()
     optimizers = setup_optimizers(model)
     x = torch.randint(0, 300, (2, 16))
     model(x, x).backward()
     for opt in optimizers:
         opt.step()
+    return model, optimizers
+
+
+def test_restore_training_state(tmp_path):
+    model, optimizers = trained_tiny()
     save_tiny(tmp_path, 4, model, optimizers)
     fresh = tiny_model()
     fresh_optimizers = setup_optimizers(fresh)
@@ -153,12 +159,7 @@ def test_restore_training_state(tmp_path):
 
 def test_replicated_optimizer_state_is_saved_once_and_every_rank_restores_it(tmp_path):
     """Under torchrun AdamW's state (the same on every rank) is in rank 0's file only; Muon's is per rank."""
-    model = tiny_model()
-    optimizers = setup_optimizers(model)
-    x = torch.randint(0, 300, (2, 16))
-    model(x, x).backward()
-    for opt in optimizers:
-        opt.step()
+    model, optimizers = trained_tiny()
     meta = dict(model_config=model.config_dict())
     save_checkpoint(str(tmp_path), 4, model.state_dict(), checkpoint_states(optimizers, rank=0), meta, rank=0)
     rank1_states = checkpoint_states(optimizers, rank=1)
