@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def start_server(args, base_dir, port, log_file, extra=(), env=None):
                         "NANOCHAT_RATE_LIMIT_MAX_REQUESTS": "1000000", **(env or {})})
     env = environment
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), *extra] + (["-g", args.model_tag] if args.model_tag else [])
+           "--max-batch-size", str(args.max_batch_size), *shlex.split(args.server_args), *extra] + \
+        (["-g", args.model_tag] if args.model_tag else [])
     pin = (lambda: os.sched_setaffinity(0, args.server_cpus)) if args.server_cpus else None  # before torch starts
     process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                preexec_fn=pin)  # noqa: PLW1509 (the child only makes a syscall before exec)
@@ -421,6 +423,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--client", default="httpx", choices=["httpx", "openai"], help="hand-parsed SSE or the openai SDK")
+    p.add_argument("--server-args", default="", help="more chat_web flags for every server, e.g. '--cpu-workers 1'")
     p.add_argument("--server-cpus", default=None, help="pin the server to these CPU ids, e.g. 0 (default: not pinned)")
     p.add_argument("--request-timeout", type=float, default=120)
     p.add_argument("--startup-timeout", type=float, default=180)
