@@ -238,7 +238,7 @@ def load_hub_dataset(path, name=None, split=None, local_file=None):
         return datasets.load_dataset(path, name, split=split)
     except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         local = (f"$NANOCHAT_DATA_DIR/{local_file}" if local_file
-                 else "a local copy under NANOCHAT_DATA_DIR (see DESIGN.md for the layout)")
+                 else "a local copy under NANOCHAT_DATA_DIR (the file each task reads is named in tasks/)")
         raise DatasetUnavailable(
             f"could not load {what} from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"Fix: connect to the internet so `datasets` can download it, or set NANOCHAT_DATA_DIR to a local "
