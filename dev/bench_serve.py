@@ -361,6 +361,8 @@ def overload(args, base_dir, log_file, peak_tps):
     """
     env = {"NANOCHAT_MAX_CONCURRENT_REQUESTS": str(args.max_batch_size), "NANOCHAT_MAX_QUEUED_REQUESTS": str(args.max_batch_size)}
     process, url = start_server(args, base_dir, free_port(), log_file, env=env)
+    server = psutil.Process(process.pid)
+    server_cpu = lambda: sum(server.cpu_times()[:2])  # user + system seconds, all threads
     clients = args.overload_factor * args.max_batch_size
     done = {"tokens": 0, "admitted": 0, "refused": 0, "failed": 0, "latencies": [], "errors": {}}
 
@@ -387,12 +389,19 @@ def overload(args, base_dir, log_file, peak_tps):
                 done["latencies"].append(time.perf_counter() - t0)
 
     async def run():
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits) as http:
-            model = (await http.get("/v1/models")).json()["data"][0]["id"]
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client(http, model, i, t0 + args.overload_seconds) for i in range(clients)))
-            return time.perf_counter() - t0
+        # One connection per client, each in its own pool: one pool of 512 connections costs the client a full
+        # core in httpcore's per-request scans of the pool, which on 2 cores the server then lacks.
+        https = [httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, verify=False,  # plain http: no
+                                   # TLS context to build (loading the CA bundle 512 times takes a minute)
+                                   limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+                 for _ in range(clients)]
+        model = (await https[0].get("/v1/models")).json()["data"][0]["id"]
+        cpu0, server_cpu0, t0 = time.process_time(), server_cpu(), time.perf_counter()
+        await asyncio.gather(*(client(http, model, i, t0 + args.overload_seconds) for i, http in enumerate(https)))
+        seconds = time.perf_counter() - t0
+        done["client_cpu"], done["server_cpu"] = (time.process_time() - cpu0) / seconds, (server_cpu() - server_cpu0) / seconds
+        await asyncio.gather(*(http.aclose() for http in https))
+        return seconds
 
     try:
         print(f"overload: {clients} clients for {args.overload_seconds:g} s against {args.max_batch_size} slots...",
@@ -406,10 +415,12 @@ def overload(args, base_dir, log_file, peak_tps):
               "of_peak": round(tps / peak_tps, 3) if peak_tps else None,
               "refused_share": round(done["refused"] / max(1, done["refused"] + done["admitted"]), 3),
               "admitted": done["admitted"], "admitted_failed": done["failed"], "admitted_errors": done["errors"],
-              "admitted_p95_latency_ms": round(1000 * latencies[math.ceil(0.95 * len(latencies)) - 1], 1) if latencies else None}
+              "admitted_p95_latency_ms": round(1000 * latencies[math.ceil(0.95 * len(latencies)) - 1], 1) if latencies else None,
+              "client_cpu_cores": round(done["client_cpu"], 2), "server_cpu_cores": round(done["server_cpu"], 2)}
     result["target_met"] = bool(peak_tps) and tps >= 0.85 * peak_tps and done["failed"] == 0
     print(f"{tps:,.0f} tok/s ({result['of_peak']} of peak), {result['refused_share']:.0%} refused, "
-          f"{done['failed']} admitted failed {done['errors'] or ''}, p95 {result['admitted_p95_latency_ms']} ms", flush=True)
+          f"{done['failed']} admitted failed {done['errors'] or ''}, p95 {result['admitted_p95_latency_ms']} ms, "
+          f"CPU cores: client {result['client_cpu_cores']}, server {result['server_cpu_cores']}", flush=True)
     return result
 
 

@@ -42,8 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None, help="server config JSON (keys, rate limits, sampling bounds)")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="replicas, one worker process per GPU (default: 1 GPU if any, else CPU)")
-    p.add_argument("--cpu-workers", type=int, default=0,
-                   help="CPU: replicas in this many worker processes (default 0: one replica in the server process)")
+    p.add_argument("--cpu-workers", type=int, default=None,
+                   help="CPU: replicas in this many worker processes (default: 1 with 2+ cores, so generation has a "
+                        "GIL of its own and keeps its pace however busy the HTTP front is; 0: one replica in the server "
+                        "process, which starts a few seconds sooner)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
     p.add_argument("--prefix-cache-rows", type=int, default=8,
@@ -77,7 +79,7 @@ def parse_args(argv=None):
         p.error("--cpu-threads must be >= 1")
     if args.num_gpus is not None and args.num_gpus < 1:
         p.error("--num-gpus must be >= 1")
-    if args.cpu_workers < 0:
+    if args.cpu_workers is not None and args.cpu_workers < 0:
         p.error("--cpu-workers must be >= 0")
     if not args.shutdown_timeout >= 0:
         p.error("--shutdown-timeout must be >= 0")
@@ -103,6 +105,7 @@ def server_config(args):
 
 
 def replica_devices(args):
+    """(one device per replica, whether replicas run in worker processes rather than in this process)."""
     device_type = args.device_type or ("cuda" if torch.cuda.is_available() else
                                        "mps" if torch.backends.mps.is_available() else "cpu")
     if device_type != "cuda":
@@ -110,23 +113,26 @@ def replica_devices(args):
             raise ValueError(f"--num-gpus {args.num_gpus} needs CUDA GPUs; this run uses {device_type}")
         if args.cpu_workers and device_type != "cpu":
             raise ValueError(f"--cpu-workers runs replicas on the CPU; this run uses {device_type}")
-        return [torch.device(device_type)] * max(1, args.cpu_workers)
+        workers = args.cpu_workers
+        if workers is None:  # a flood of requests took a third of an in-process replica's rate (its GIL) on 2 cores
+            workers = 1 if device_type == "cpu" and (os.cpu_count() or 1) >= 2 else 0
+        return [torch.device(device_type)] * max(1, workers), workers > 0
     if args.cpu_workers:
         raise ValueError("--cpu-workers is for CPU serving; on CUDA every GPU gets a worker process (--num-gpus)")
     available = torch.cuda.device_count()
     wanted = args.num_gpus or 1
     if wanted > available:
         raise ValueError(f"--num-gpus {wanted} but torch sees {available} CUDA GPU(s)")
-    return [torch.device("cuda", i) for i in range(wanted)]
+    return [torch.device("cuda", i) for i in range(wanted)], True
 
 
-def build_replicas(args, config, devices):
+def build_replicas(args, config, devices, in_workers):
     """
-    One replica per device, each with the config's request limits. On CUDA (and with --cpu-workers) each
+    One replica per device, each with the config's request limits. On CUDA (and on a CPU by default) each
     runs in its own worker process, so replicas never share a GIL; otherwise the one replica runs in this
     process, on a thread. Returns (started replicas, tokenizer).
     """
-    if devices[0].type == "cuda" or args.cpu_workers:
+    if in_workers:
         from nanochat.serving.workers import WorkerReplica, default_cpu_threads
         from nanochat.tokenizer import get_tokenizer
         spec = dict(source=args.source, model_tag=args.model_tag, step=args.step, draft_model_tag=args.draft_model_tag,
@@ -180,9 +186,9 @@ def main(argv=None):
         log.warning(f"auth is OFF (no API keys configured); serving {args.host} "
                     f"{'only' if is_loopback(args.host) else '(--insecure)'}")
     try:
-        devices = replica_devices(args)
+        devices, in_workers = replica_devices(args)
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source]))
-        schedulers, tokenizer = build_replicas(args, config, devices)
+        schedulers, tokenizer = build_replicas(args, config, devices, in_workers)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -192,8 +198,7 @@ def main(argv=None):
     from nanochat.serving.connections import GracefulServer, TimedH11Protocol
     app = create_app(schedulers, tokenizer, config, model_name=f"{args.source}-{model_tag}", bound_host=args.host,
                      cors_origins=args.cors_origins)
-    in_process = not hasattr(schedulers[0], "wait_ready")
-    where = f"in this process, {torch.get_num_threads()} torch threads" if in_process else "in worker processes"
+    where = "in worker processes" if in_workers else f"in this process, {torch.get_num_threads()} torch threads"
     log.info(f"serving {args.source}-{model_tag} on {len(devices)} replica(s) {[str(d) for d in devices]} ({where}), "
              f"max batch {args.max_batch_size}, speculative {args.speculative_proposals or 'off'}; "
              f"open http://{args.host}:{args.port}/")

@@ -82,7 +82,10 @@ class RunningServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(base_dir, f"server_{self.port}.log")
-        self.args, self.startup_timeout = args, startup_timeout
+        # The replica in the server process unless a test asks for workers: it starts ~7 s sooner here, and
+        # test_serving_workers.py covers worker processes (the CPU default).
+        self.args = args if "--cpu-workers" in args else ("--cpu-workers", "0", *args)
+        self.startup_timeout = startup_timeout
         self.env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
         self.env.pop("NANOCHAT_API_KEYS", None)  # only the keys a test asks for
         self.env.update(env or {})

@@ -239,6 +239,24 @@ def test_malformed_bodies_and_unknown_routes(server):
                     404)["code"] == "model_not_found"
 
 
+def test_requests_the_http_parser_rejects_get_an_openai_shaped_400(server):
+    """A malformed Content-Length (or header line) never reaches the app: it used to be uvicorn's plain-text 400."""
+    import socket
+    for head in (b"Content-Length: 12abc", b"Content-Length: -5", b"Content-Length: 3\r\nContent-Length: 4",
+                 b"bad header line"):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\n\r\n{}")
+            sock.settimeout(10)
+            answer = b""
+            while data := sock.recv(65536):  # the server closes the connection after its answer
+                answer += data
+        head_part, _, body = answer.partition(b"\r\n\r\n")
+        assert head_part.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head_part.lower()
+        assert json.loads(body)["error"]["code"] == "bad_http_request"
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
+                      timeout=30).status_code == 200
+
+
 def test_auth_and_rate_limit(keyed_server):
     url = keyed_server.url
     assert httpx.get(url + "/health").status_code == 200  # open without a key

@@ -4,7 +4,8 @@ What nanochat adds to uvicorn's server: deadlines on connections and on shutdown
 uvicorn closes a keep-alive connection that idles between requests, but a connection that opens and
 sends nothing, or only part of its headers, stays open forever, holding a socket and its buffers.
 TimedH11Protocol gives every request header_timeout seconds, from the connection's start or the previous
-response's end, to deliver its headers; then the connection is closed. The body's deadline is the app's
+response's end, to deliver its headers; then the connection is closed. A request the HTTP parser rejects
+(a malformed Content-Length, say) gets a 400 in OpenAI's error shape like every other error. The body's deadline is the app's
 (serving/app.py), idle keep-alive is uvicorn's own.
 
 uvicorn's shutdown waits for every open response however long it streams, and only a second SIGINT (not
@@ -12,10 +13,14 @@ SIGTERM) forces it. GracefulServer calls on_first_signal (the app refuses new re
 and ends running streams with an error event after its deadline) and exits at once on any second signal.
 """
 
+import json
 import logging
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from nanochat.serving.protocol import error_body
 
 logger = logging.getLogger("nanochat.serving")
 
@@ -38,6 +43,17 @@ class TimedH11Protocol(H11Protocol):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg):
+        """A request the HTTP parser rejects (e.g. a malformed Content-Length): OpenAI's error shape, then close."""
+        body = json.dumps(error_body("malformed HTTP request (a bad request line, header or Content-Length)",
+                                     "invalid_request_error", code="bad_http_request")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _arm_header_deadline(self):
         if self._header_deadline is not None:
