@@ -285,7 +285,8 @@ def worker_scaling(args, base_dir, log_file):
         finally:
             stop_server(process)
         r["workers"] = workers
-        print(f"{r['seconds']:.1f} s, {r['tokens_per_second']:,.0f} tok/s, {r['failed']} failed", flush=True)
+        print(f"{r['seconds']:.1f} s, {r['tokens_per_second']:,.0f} tok/s, {r['failed']} failed"
+              + (f" {r['errors']}" if r["errors"] else ""), flush=True)
         rows.append(r)
     return rows
 

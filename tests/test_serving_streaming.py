@@ -51,3 +51,14 @@ def test_a_long_stop_after_a_long_reply():
     sent = "".join(stream.add(ord("a"))[0] for _ in range(5000))
     assert sent == "a" * (5000 - 255)  # the last 255 could begin the stop
     assert stream.add(ord("b")) == ("", True)
+
+
+def test_an_sse_event_stays_one_line_for_every_line_splitter():
+    """U+2028/U+2029/U+0085 are legal unescaped in JSON but end a line for str.splitlines (httpx's aiter_lines)."""
+    import json
+
+    from nanochat.serving.app import _sse
+    text = "a\u2028b\u2029c\x85d \U0001F600 é"
+    event = _sse(json.dumps({"content": text}, ensure_ascii=False))
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event.removeprefix("data: "))["content"] == text

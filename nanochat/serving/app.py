@@ -359,8 +359,13 @@ def _record(state, route, caller, request_id, arrived, ticket, prompt_tokens, st
                 f"tokens_per_second={'-' if rate is None else f'{rate:.1f}'} finish={finish or '-'}")
 
 
+# Characters that JSON leaves as they are but Python's str.splitlines() (hence httpx's aiter_lines) treats as line
+# breaks: a client reading SSE that way would get a JSON line cut in two. Escaped, the JSON means the same.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload):
-    return f"data: {payload}\n\n"
+    return f"data: {payload.translate(_LINE_BREAKS_JSON_KEEPS)}\n\n"
 
 
 class TicketStreamingResponse(StreamingResponse):

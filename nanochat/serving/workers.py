@@ -114,6 +114,7 @@ class WorkerReplica:
         self._next_id = 0
         self._status = {"rows_in_use": 0, "queued": 0, "counters": {"generated_tokens": 0}, "drafted": 0, "accepted": 0}
         self.alive = False
+        self._stopping = False  # shutdown() was called: the worker's exit is expected
         self.seconds_per_request = 2.0  # running average of finished requests, for Retry-After
         self.device = self.context_len = self.max_rows = None
 
@@ -198,6 +199,7 @@ class WorkerReplica:
         return self._status["drafted"], self._status["accepted"]
 
     def shutdown(self):
+        self._stopping = True
         if self._process.is_alive():
             self._send(("shutdown",))
             self._process.join(timeout=10)
@@ -232,8 +234,11 @@ class WorkerReplica:
             self.alive = False
             orphans, self._tickets = list(self._tickets.values()), OrderedDict()
             self._status = dict(self._status, rows_in_use=0, queued=0)
-        logger.error(f"{self.name}: the worker process exited (code {self._process.exitcode}); "
-                     f"{len(orphans)} request(s) failed")
+        if self._stopping and not orphans:
+            logger.info(f"{self.name}: the worker process stopped")
+        else:
+            logger.error(f"{self.name}: the worker process exited (code {self._process.exitcode}); "
+                         f"{len(orphans)} request(s) failed")
         for ticket in orphans:
             ticket.send([("error", None, "the replica's worker process exited")])
 
