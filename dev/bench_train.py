@@ -31,12 +31,19 @@ def measure(config, device, steps, batch_size, checkpointing, dtype):
     y = torch.randint(0, config.vocab_size, (batch_size, T), device=device)
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    optimizer_seconds = 0.0
+
     def train_step():
+        nonlocal optimizer_seconds
         with autocast:
             loss = model(x, y)
         loss.backward()
+        synchronize(device.type)
+        t0 = time.perf_counter()
         for opt in optimizers:
             opt.step()
+        synchronize(device.type)
+        optimizer_seconds += time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
 
     with autocast:
@@ -50,7 +57,7 @@ def measure(config, device, steps, batch_size, checkpointing, dtype):
     synchronize(device.type)
     seconds_per_step = (time.perf_counter() - t0) / steps
     tokens_per_second = batch_size * T / seconds_per_step
-    return dict(tokens_per_second=tokens_per_second, activation_mb=activation_bytes / 2**20, flops_per_second=tokens_per_second * model.estimate_flops(),
+    return dict(tokens_per_second=tokens_per_second, optimizer_ms=1000 * optimizer_seconds / steps, activation_mb=activation_bytes / 2**20, flops_per_second=tokens_per_second * model.estimate_flops(),
                 params=model.num_params(), kv_cache_bytes_per_token=model.kv_cache_bytes_per_token())
 
 
@@ -79,10 +86,10 @@ def main():
 
     base = rows[0]["tokens_per_second"]
     print(f"\nd{args.depth}, seq {args.seq_len}, batch {args.batch_size}, device {device.type}, torch threads {torch.get_num_threads()}")
-    print(f"{'attention':<10}{'ckpt':<6}{'dtype':<10}{'params':>10}{'KV B/tok':>10}{'tok/s':>10}{'GFLOP/s':>10}{'act MiB':>10}{'vs first':>10}")
+    print(f"{'attention':<10}{'ckpt':<6}{'dtype':<10}{'params':>10}{'KV B/tok':>10}{'tok/s':>10}{'opt ms':>8}{'GFLOP/s':>10}{'act MiB':>10}{'vs first':>10}")
     for r in rows:
         print(f"{r['attention']:<10}{str(r['gradient_checkpointing']):<6}{r['dtype']:<10}{r['params']:>10,}"
-              f"{r['kv_cache_bytes_per_token']:>10,}{r['tokens_per_second']:>10,.0f}{r['flops_per_second'] / 1e9:>10.1f}{r['activation_mb']:>10.1f}"
+              f"{r['kv_cache_bytes_per_token']:>10,}{r['tokens_per_second']:>10,.0f}{r['optimizer_ms']:>8.1f}{r['flops_per_second'] / 1e9:>10.1f}{r['activation_mb']:>10.1f}"
               f"{r['tokens_per_second'] / base:>10.2f}")
     summary = {"bench": "train", "depth": args.depth, "seq_len": args.seq_len, "batch_size": args.batch_size,
                "device": device.type, "rows": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}

@@ -171,16 +171,28 @@ def compute_cleanup():
 _said_dtype = set()
 
 
+def has_native_bf16(device_type):
+    """
+    bf16 matmuls at full speed: CUDA compute capability >= 8.0 (A100, H100, L40S, RTX 30xx/40xx), or an x86
+    CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated (older GPUs, other CPUs) and slower than fp32.
+    """
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability() >= (8, 0)
+    if device_type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def autocast_dtype(device_type):
     """
     Dtype policy: bf16 autocast (fp32 master weights) on GPUs with native bf16 tensor cores, i.e. compute
     capability >= 8.0 (A100, H100, L40S, RTX 30xx/40xx); fp32 everywhere else. Older GPUs (V100, T4) report
     torch.cuda.is_bf16_supported() through emulation, which is slow and has no fused attention kernel:
     at 2048 tokens the fallback attention would run out of memory, so they train and serve in fp32.
-    On CPU bf16 autocast was measured slower than fp32 for our small models (dev/bench_train.py).
+    On CPU inference stays in fp32 (training picks bf16 where the CPU has it: training_dtype).
     """
     dtype = torch.float32
-    if device_type == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
+    if device_type == "cuda" and has_native_bf16("cuda"):
         dtype = torch.bfloat16
     if device_type not in _said_dtype:
         _said_dtype.add(device_type)
@@ -191,9 +203,28 @@ def autocast_dtype(device_type):
     return dtype
 
 
-def autocast_context(device_type):
-    """torch.autocast with the dtype policy above (a no-op context in fp32); reusable across `with` blocks."""
-    dtype = autocast_dtype(device_type)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def training_dtype(requested, device_type):
+    """
+    The training scripts' --dtype: "auto" is bf16 autocast (fp32 master weights) wherever the device has
+    native bf16, CPUs with AVX512-BF16/AMX included (d4 on 2 such cores: bf16 1.4-1.7x faster than fp32,
+    dev/bench_train.py), else fp32. Inference keeps autocast_dtype's policy.
+    """
+    if requested not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {requested!r}")
+    if requested == "auto":
+        return torch.bfloat16 if has_native_bf16(device_type) else torch.float32
+    return getattr(torch, requested)
+
+
+def autocast_context(device_type, dtype=None):
+    """
+    torch.autocast in dtype (default: the inference policy above); a no-op context in fp32. Reusable
+    across `with` blocks.
+    """
+    dtype = autocast_dtype(device_type) if dtype is None else dtype
     return torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 

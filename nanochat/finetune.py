@@ -13,9 +13,10 @@ import torch
 
 from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, restore_training_state,
                                          save_checkpoint)
-from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
+from nanochat.common import (COMPILE_MODES, DTYPE_CHOICES, DummyWandb, autocast_context, autodetect_device_type,
                              broadcast_parameters, compile_model, compute_cleanup, first_error, get_base_dir,
-                             get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize)
+                             get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize,
+                             training_dtype)
 from nanochat.dataloader import ConversationLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, training_plan
@@ -47,6 +48,8 @@ def add_finetune_flags(p, source, dest, lr_frac, max_seq_len, device_batch_size,
     p.add_argument("--resume-from-step", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
     p.add_argument("--dry-run", action="store_true", help="print parameters, tokens, FLOPs, accumulation and the "
                    "estimated peak memory per GPU, end with a JSON line, and exit (loads no weights and no data)")
     p.add_argument("--world-size", type=int, default=None,
@@ -122,7 +125,7 @@ def dry_run(args):
         print0("tokens and FLOPs depend on the data mixture: give --num-iterations to plan them")
     compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
     num_iterations = args.num_iterations if args.num_iterations > 0 else None
-    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, planned_dtype(device_type), compiled)
+    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, planned_dtype(device_type, args.dtype), compiled)
     print0(json.dumps(plan))
     return 0
 
@@ -147,7 +150,8 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     model_tag = args.model_tag or source_meta.get("model_tag") or f"d{model.config.n_layer}"
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES[args.dest], model_tag)
     compile_mode = resolve_compile_mode(args.compile_mode, device.type)
-    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, autocast_dtype(device.type),
+    dtype = training_dtype(args.dtype, device.type)
+    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, dtype,
                          compile_mode != "none")
 
     lr = dict(unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
@@ -171,7 +175,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
 
     loader = ConversationLoader(train_set, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size,
                                 device, packed=packed, seed=args.seed, resume_state=loader_state)
-    autocast = autocast_context(device.type)
+    autocast = autocast_context(device.type, dtype)
     print0(f"{section}: {args.source} {model_tag} -> {args.dest}, {num_iterations} steps x {args.examples_per_step} rows "
            f"({grad_accum_steps} accumulation steps), {'packed' if packed else 'padded'} rows of {args.max_seq_len} tokens")
     print0(f"data: {data_summary}")

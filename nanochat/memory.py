@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from nanochat.common import autocast_dtype, print0
+from nanochat.common import print0, training_dtype
 from nanochat.tokenizer import get_tokenizer
 
 # bytes per token, per layer, per unit of width, kept for backward; (compute dtype, compiled) ->
@@ -151,11 +151,11 @@ def planned_vocab_size():
         return PLANNING_VOCAB_SIZE
 
 
-def planned_dtype(device_type):
-    """The compute dtype of a run on device_type; planning for CUDA on a machine without a GPU assumes bf16."""
-    if device_type == "cuda" and not torch.cuda.is_available():
+def planned_dtype(device_type, requested="auto"):
+    """A training run's compute dtype (--dtype); planning for CUDA on a machine without a GPU assumes bf16 for auto."""
+    if device_type == "cuda" and not torch.cuda.is_available() and requested == "auto":
         return torch.bfloat16
-    return autocast_dtype(device_type)
+    return training_dtype(requested, device_type)
 
 
 def training_plan(model, device_batch_size, seq_len, world_size, grad_accum_steps, tokens_per_step, num_iterations,

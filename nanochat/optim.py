@@ -12,20 +12,25 @@ orthogonalizes only the matrices it owns (index % world_size) and broadcasts the
 import torch
 import torch.distributed as dist
 
+from nanochat.common import has_native_bf16
+
 # Coefficients of the quintic Newton-Schulz iteration used by Muon (Keller Jordan, 2024): chosen to push
 # singular values towards 1 fast, accepting that they end up in roughly [0.7, 1.2] rather than exactly 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(G, steps=5):
-    """Approximately replace G (rows, cols) by U Vᵀ from its SVD (all singular values -> ~1)."""
+def orthogonalize(G, steps=5, dtype=torch.bfloat16):
+    """
+    Approximately replace each matrix of G (..., rows, cols) by U Vᵀ from its SVD (all singular values
+    -> ~1). The iteration tolerates bf16 (its fixed point attracts rounding errors back), the standard
+    choice where bf16 matmuls are fast; Muon passes fp32 where they are emulated.
+    """
     a, b, c = NS_COEFFS
-    # bf16 matmuls are fast and accurate enough on GPUs; CPUs often lack fast bf16, so stay in fp32 there
-    X = G.bfloat16() if G.is_cuda else G.float()
-    transposed = X.size(0) > X.size(1)
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
@@ -61,31 +66,36 @@ class Muon(torch.optim.Optimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         if self.world_size > 1:
             _average_gradients(all_params, self.world_size)
-        index = 0
-        broadcasts = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                owner = index % self.world_size
-                index += 1
-                if owner == self.rank and p.grad is not None:
-                    self._update(p, group)
-                if self.world_size > 1:
-                    broadcasts.append(dist.broadcast(p.data, src=owner, async_op=True))
-        for h in broadcasts:
-            h.wait()
+        # This rank's matrices, batched by (group, shape): a model's blocks have a handful of shapes, so the
+        # Newton-Schulz iteration runs as a few batched matmuls instead of one small matmul chain per matrix.
+        batches = {}
+        for index, (group_index, p) in enumerate((i, p) for i, g in enumerate(self.param_groups) for p in g["params"]):
+            if index % self.world_size == self.rank and p.grad is not None:
+                batches.setdefault((group_index, p.shape), []).append(p)
+        for (group_index, _), params in batches.items():
+            self._update(params, self.param_groups[group_index])
+        if self.world_size > 1:  # every rank receives the matrices the others updated
+            handles = [dist.broadcast(p.data, src=index % self.world_size, async_op=True)
+                       for index, p in enumerate(all_params)]
+            for h in handles:
+                h.wait()
 
-    def _update(self, p, group):
-        g = p.grad
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
-        buf.lerp_(g, 1 - group["momentum"])
-        update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        update = orthogonalize(update, steps=group["ns_steps"])
+    def _update(self, params, group):
+        """One Muon step of same-shape matrices (rows, cols)."""
+        updates = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - group["momentum"])
+            updates.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        dtype = torch.bfloat16 if has_native_bf16(params[0].device.type) else torch.float32
+        updates = orthogonalize(torch.stack(updates), steps=group["ns_steps"], dtype=dtype)  # (n, rows, cols)
+        rows, cols = params[0].shape
         if group["weight_decay"] > 0:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
 
 class DistAdamW(torch.optim.AdamW):
@@ -114,8 +124,9 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
     scale = (model.config.n_embd / 768) ** -0.5
     adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * scale),
                    dict(params=embedding_params, lr=embedding_lr * scale)]
+    fused = lm_head_params[0].device.type in ("cpu", "cuda")  # one kernel for all tensors (not on meta/mps)
     adamw = DistAdamW(adam_groups, rank=rank, world_size=world_size, betas=(0.8, 0.95), eps=1e-10,
-                      weight_decay=weight_decay)
+                      weight_decay=weight_decay, fused=fused)
     muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, rank=rank, world_size=world_size)
     optimizers = [adamw, muon]
     for opt in optimizers:

@@ -19,10 +19,10 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
-from nanochat.common import (COMPILE_MODES, DummyWandb, autocast_context, autocast_dtype, autodetect_device_type,
+from nanochat.common import (COMPILE_MODES, DTYPE_CHOICES, DummyWandb, autocast_context, autodetect_device_type,
                              broadcast_parameters, compile_model, compute_cleanup, compute_init, first_error,
                              get_base_dir, get_dist_info, peak_flops_per_second, print0, resolve_compile_mode,
-                             synchronize)
+                             synchronize, training_dtype)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
 from nanochat.engine import complete_greedy
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--resume-from-step", type=int, default=-1)
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
     p.add_argument("--tokenizer-threads", type=int, default=4)
     p.add_argument("--tokenizer-batch-size", type=int, default=128)
     p.add_argument("--loss-log", default=None, help="append JSON lines: a run header, {step, loss, ...} per step, {step, val_bpb} per eval")
@@ -154,7 +156,7 @@ def dry_run(args):
         print0(f"error: {e}")
         return 1
     compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
-    _, plan = describe_run(args, model, world_size, grad_accum_steps, planned_dtype(device_type), compiled)
+    _, plan = describe_run(args, model, world_size, grad_accum_steps, planned_dtype(device_type, args.dtype), compiled)
     print0(json.dumps(plan))
     return 0
 
@@ -166,7 +168,8 @@ def main(argv=None):
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     device_type = device.type
     master = rank == 0
-    autocast = autocast_context(device_type)
+    dtype = training_dtype(args.dtype, device_type)
+    autocast = autocast_context(device_type, dtype)
 
     # data and tokenizer first: both fail fast with a message that says what to run (on every rank at once)
     error = None
@@ -196,7 +199,7 @@ def main(argv=None):
         compute_cleanup()
         return 1
     compile_mode = resolve_compile_mode(args.compile_mode, device_type)
-    num_iterations, plan = describe_run(args, model, world_size, grad_accum_steps, autocast_dtype(device_type),
+    num_iterations, plan = describe_run(args, model, world_size, grad_accum_steps, dtype,
                                         compile_mode != "none")
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     model.to_empty(device=device)

@@ -16,8 +16,8 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import (autocast_context, broadcast_parameters, compute_cleanup, compute_init, first_error,
-                             get_base_dir, load_on_all_ranks, print0)
+from nanochat.common import (DTYPE_CHOICES, autocast_context, broadcast_parameters, compute_cleanup, compute_init,
+                             first_error, get_base_dir, load_on_all_ranks, print0, training_dtype)
 from nanochat.engine import Engine
 from nanochat.memory import log_peak_memory
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
@@ -28,6 +28,8 @@ from tasks.common import DatasetUnavailable
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL on GSM8K with pass@k evaluation")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
     p.add_argument("--source", default="sft", choices=list(SOURCES))
     p.add_argument("--model-tag", default=None)
     p.add_argument("--model-step", type=int, default=None)
@@ -153,7 +155,7 @@ def main(argv=None):
             compute_cleanup()
             return 1
     broadcast_parameters(model)  # every rank starts from rank 0's weights
-    autocast = autocast_context(device.type)
+    autocast = autocast_context(device.type, training_dtype(args.dtype, device.type))
     engine = Engine(model, tokenizer)
     per_rank = args.examples_per_step // world_size
     print0(f"RL: {args.source} {model_tag} -> rl, {num_iterations} steps x {args.examples_per_step} problems x "

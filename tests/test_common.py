@@ -29,6 +29,23 @@ def test_bf16_needs_compute_capability_8(fake_gpu, capsys):
     assert common.autocast_dtype("cpu") == torch.float32
 
 
+def test_training_dtype_auto_is_bf16_where_the_device_has_it(fake_gpu, monkeypatch):
+    fake_gpu("NVIDIA H100 80GB HBM3", (9, 0))
+    assert common.training_dtype("auto", "cuda") == torch.bfloat16
+    fake_gpu("Tesla T4", (7, 5))
+    assert common.training_dtype("auto", "cuda") == torch.float32
+    assert common.training_dtype("bfloat16", "cuda") == torch.bfloat16  # asked for: emulated but honoured
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert common.training_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert common.training_dtype("float32", "cpu") == torch.float32
+        assert common.autocast_dtype("cpu") == torch.float32  # inference on a CPU stays fp32
+    assert common.training_dtype("auto", "mps") == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        common.training_dtype("float16", "cpu")
+
+
 @pytest.mark.parametrize("name, capability, flops", [
     ("NVIDIA H100 80GB HBM3", (9, 0), 989e12), ("NVIDIA H100 PCIe", (9, 0), 756e12),
     ("NVIDIA H100 NVL", (9, 0), 835e12), ("NVIDIA L40S", (8, 9), 362e12), ("NVIDIA L40", (8, 9), 181e12),
