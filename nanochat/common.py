@@ -209,8 +209,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 def training_dtype(requested, device_type):
     """
     The training scripts' --dtype: "auto" is bf16 autocast (fp32 master weights) wherever the device has
-    native bf16, CPUs with AVX512-BF16/AMX included (d4 on 2 such cores: bf16 1.4-1.7x faster than fp32,
-    dev/bench_train.py), else fp32. Inference keeps autocast_dtype's policy.
+    native bf16, CPUs with AVX512-BF16/AMX included (d4 on 2 such cores: 1.57-1.70x the tokens/s of fp32,
+    losses within 0.013 over 60 steps), else fp32. Inference keeps autocast_dtype's policy.
     """
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {requested!r}")

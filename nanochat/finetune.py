@@ -125,7 +125,8 @@ def dry_run(args):
         print0("tokens and FLOPs depend on the data mixture: give --num-iterations to plan them")
     compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
     num_iterations = args.num_iterations if args.num_iterations > 0 else None
-    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, planned_dtype(device_type, args.dtype), compiled)
+    dtype = planned_dtype(device_type, args.dtype)
+    plan = describe_plan(args, model, world_size, grad_accum_steps, num_iterations, dtype, compiled)
     print0(json.dumps(plan))
     return 0
 

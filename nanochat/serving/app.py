@@ -219,7 +219,7 @@ def _overloaded(e):
 
 
 def _refusal(state):
-    """The 503 every generation request would get now (shutting down, or no replica could queue even one row), or None."""
+    """The 503 a generation request gets now (shutting down, or no replica could queue one row), or None."""
     if state.draining:
         return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
     probe = Ticket([[0]], 1, 1, 0.0, None, None)  # the smallest request: one row

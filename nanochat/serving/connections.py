@@ -4,9 +4,9 @@ What nanochat adds to uvicorn's server: deadlines on connections and on shutdown
 uvicorn closes a keep-alive connection that idles between requests, but a connection that opens and
 sends nothing, or only part of its headers, stays open forever, holding a socket and its buffers.
 TimedH11Protocol gives every request header_timeout seconds, from the connection's start or the previous
-response's end, to deliver its headers; then the connection is closed. A request the HTTP parser rejects
-(a malformed Content-Length, say) gets a 400 in OpenAI's error shape like every other error. The body's deadline is the app's
-(serving/app.py), idle keep-alive is uvicorn's own.
+response's end, to deliver its headers; then the connection is closed. The body's deadline is the app's
+(serving/app.py), idle keep-alive is uvicorn's own. A request the HTTP parser rejects (a malformed
+Content-Length, say) gets a 400 in OpenAI's error shape, like every other error.
 
 uvicorn's shutdown waits for every open response however long it streams, and only a second SIGINT (not
 SIGTERM) forces it. GracefulServer calls on_first_signal (the app refuses new requests, ends queued ones,
