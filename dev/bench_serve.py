@@ -400,14 +400,14 @@ def overload(args, base_dir, log_file, peak_tps):
         cpu0, server_cpu0, t0 = time.process_time(), server_cpu(), time.perf_counter()
         await asyncio.gather(*(client(http, model, i, t0 + args.overload_seconds) for i, http in enumerate(https)))
         seconds = time.perf_counter() - t0
-        done["client_cpu"], done["server_cpu"] = (time.process_time() - cpu0) / seconds, (server_cpu() - server_cpu0) / seconds
+        cpu = (time.process_time() - cpu0) / seconds, (server_cpu() - server_cpu0) / seconds
         await asyncio.gather(*(http.aclose() for http in https))
-        return seconds
+        return seconds, cpu
 
     try:
         print(f"overload: {clients} clients for {args.overload_seconds:g} s against {args.max_batch_size} slots...",
               end=" ", flush=True)
-        seconds = asyncio.run(run())
+        seconds, (client_cpu, server_cpu_cores) = asyncio.run(run())
     finally:
         stop_server(process)
     latencies = sorted(done["latencies"])
@@ -417,7 +417,7 @@ def overload(args, base_dir, log_file, peak_tps):
               "refused_share": round(done["refused"] / max(1, done["refused"] + done["admitted"]), 3),
               "admitted": done["admitted"], "admitted_failed": done["failed"], "admitted_errors": done["errors"],
               "admitted_p95_latency_ms": round(1000 * latencies[math.ceil(0.95 * len(latencies)) - 1], 1) if latencies else None,
-              "client_cpu_cores": round(done["client_cpu"], 2), "server_cpu_cores": round(done["server_cpu"], 2)}
+              "client_cpu_cores": round(client_cpu, 2), "server_cpu_cores": round(server_cpu_cores, 2)}
     result["target_met"] = bool(peak_tps) and tps >= 0.85 * peak_tps and done["failed"] == 0
     print(f"{tps:,.0f} tok/s ({result['of_peak']} of peak), {result['refused_share']:.0%} refused, "
           f"{done['failed']} admitted failed {done['errors'] or ''}, p95 {result['admitted_p95_latency_ms']} ms, "

@@ -68,10 +68,12 @@ class Muon(torch.optim.Optimizer):
             _average_gradients(all_params, self.world_size)
         # This rank's matrices, batched by (group, shape): a model's blocks have a handful of shapes, so the
         # Newton-Schulz iteration runs as a few batched matmuls instead of one small matmul chain per matrix.
-        batches = {}
-        for index, (group_index, p) in enumerate((i, p) for i, g in enumerate(self.param_groups) for p in g["params"]):
-            if index % self.world_size == self.rank and p.grad is not None:
-                batches.setdefault((group_index, p.shape), []).append(p)
+        batches, index = {}, 0
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if index % self.world_size == self.rank and p.grad is not None:
+                    batches.setdefault((group_index, p.shape), []).append(p)
+                index += 1
         for (group_index, _), params in batches.items():
             self._update(params, self.param_groups[group_index])
         if self.world_size > 1:  # every rank receives the matrices the others updated

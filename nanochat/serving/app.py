@@ -218,10 +218,14 @@ def _overloaded(e):
                     headers={"Retry-After": retry_after_header(e.retry_after)})
 
 
+def _shutting_down():
+    return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+
+
 def _refusal(state):
     """The 503 a generation request gets now (shutting down, or no replica could queue one row), or None."""
     if state.draining:
-        return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        return _shutting_down()
     probe = Ticket([[0]], 1, 1, 0.0, None, None)  # the smallest request: one row
     alive = [s for s in state.schedulers if s.alive]
     if all(s.queued(extra=probe) > s.max_queued_requests for s in alive):
@@ -266,8 +270,8 @@ class Shedder:
 
 
 def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
-    if state.draining:
-        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+    if state.draining:  # began while the body was read
+        raise _shutting_down()
     ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed)
     alive = [s for s in state.schedulers if s.alive] or state.schedulers  # a dead worker answers 503 itself
     scheduler = min(alive, key=lambda s: s.load())  # the least busy replica
