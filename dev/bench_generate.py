@@ -1,13 +1,13 @@
 """
 Generation speed, measured as ratios in one run:
-  1. decode tokens/s at batch 1
+  1. decode tokens/s at batch 1; decode ms/token after a 16 / 64 / 128 / 190-token prompt (reference d4 shape)
   2. 8 prompts of different lengths: one batch vs one by one (greedy; outputs must be identical)
   3. speculative decoding with a small trained draft model vs plain (greedy and T=1): acceptance rate,
      tokens per target forward (against (1 − α^(γ+1)) / (1 − α), with α the acceptance rate per examined
      draft position), wall speedup
   4. n-gram drafting vs plain at T=0 on an input-grounded prompt and on free text (outputs must be identical)
 
-python dev/bench_generate.py [--target-tag d4] [--draft-tag d2] [--gamma 4] [--max-tokens 128]
+python dev/bench_generate.py [--target-tag d4] [--draft-tag d2] [--gamma 4] [--ngram-gamma 8] [--max-tokens 128]
 
 Uses base checkpoints from $NANOCHAT_BASE_DIR; a missing target/draft is trained first with
 scripts.base_train (d4: ~5 min, d2: ~1 min on 2 CPU cores; needs a tokenizer and pretraining data).
@@ -25,6 +25,8 @@ from nanochat.checkpoint_manager import SOURCES, load_model
 from nanochat.common import autodetect_device_type, get_base_dir, synchronize
 from nanochat.dataset import parquets_iter_batched
 from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.kv_cache import KVCache
 from nanochat.speculative import expected_tokens_per_forward
 
 TRAIN_RECIPES = {  # tag -> base_train flags for a quick CPU model
@@ -61,6 +63,37 @@ def timed(device, fn):
     return out, best
 
 
+DECODE_PROMPT_LENGTHS = (16, 64, 128, 190)
+
+
+def decode_ms_per_token(model, prompt_len, steps=32):
+    """Batch-1 greedy decode after a prompt_len-token prefill: ms per token, best of REPEATS runs."""
+    device = model.get_device()
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    @torch.inference_mode()
+    def run():
+        kv_cache = KVCache.for_model(model, 1, prompt_len + steps)
+        logits = model(ids, kv_cache=kv_cache)[:, -1]
+        synchronize(device.type)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            logits = model(token, kv_cache=kv_cache)[:, -1]
+            token.tolist()  # generation reads every token on the host
+        synchronize(device.type)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return min(run() for _ in range(max(REPEATS, 5))) / steps * 1000
+
+
+def speculative_batch(engine, prompt, gamma, **kwargs):
+    """generate_batch's results for one prompt decoded speculatively, and the run's statistics."""
+    run = engine.speculative(prompt, speculative_num_tokens=gamma, **kwargs)
+    return engine.collect(run, [prompt])[0], run.stats
+
+
 def generated_count(results, prompts):
     return sum(len(r) - len(p) for r, p in zip(results, prompts))
 
@@ -69,7 +102,9 @@ def main():
     p = argparse.ArgumentParser(description="Generation benchmarks (ratios in one run)")
     p.add_argument("--target-tag", default="d4")
     p.add_argument("--draft-tag", default="d2")
-    p.add_argument("--gamma", type=int, default=4, help="speculative tokens per target forward")
+    p.add_argument("--gamma", type=int, default=4, help="draft-model tokens per target forward (at most, adaptive)")
+    p.add_argument("--ngram-gamma", type=int, default=8, help="n-gram tokens per target forward (at most, adaptive):"
+                   " n-gram drafts cost almost nothing, so the acceptance rule gets more room")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="time each case this many times, keep the best")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
@@ -85,7 +120,7 @@ def main():
     val_docs = next(parquets_iter_batched("val"))
     text = " ".join(val_docs)[:20000]
     rows, summary = [], {"bench": "generate", "device": device.type, "target": args.target_tag, "draft": args.draft_tag,
-                         "gamma": args.gamma, "max_tokens": args.max_tokens}
+                         "gamma": args.gamma, "ngram_gamma": args.ngram_gamma, "max_tokens": args.max_tokens}
     plain = Engine(target, tokenizer)
 
     # 1. decode tokens/s at batch 1 (time per generated token after a short prompt)
@@ -95,6 +130,14 @@ def main():
     decode_tps = generated_count(results, [prompt]) / seconds
     rows.append(("decode, batch 1", f"{decode_tps:,.1f} tok/s", ""))
     summary["decode_tokens_per_second"] = round(decode_tps, 1)
+
+    # 1b. decode latency per prompt length, on the reference d4 shape (width 256, 2 heads of 128, vocab 4096)
+    latency_model = GPT(config_from_depth(4, 256, 4096, "mha", 128)).to(device)
+    latency_model.init_weights()
+    latency = {n: decode_ms_per_token(latency_model.eval(), n) for n in DECODE_PROMPT_LENGTHS}
+    rows.append(("decode ms/token, d4 ref", " / ".join(f"{ms:.2f}" for ms in latency.values()),
+                 "after a " + " / ".join(map(str, DECODE_PROMPT_LENGTHS)) + "-token prompt"))
+    summary["decode_ms_per_token"] = {str(n): round(ms, 3) for n, ms in latency.items()}
 
     # 2. eight prompts of different lengths: one batch vs one by one
     words = text.split()
@@ -117,10 +160,9 @@ def main():
     for temperature in (0.0, 1.0):
         kw = dict(max_tokens=args.max_tokens, temperature=temperature, seed=0)
         (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
-        (spec_out, _), spec_s = timed(device, lambda: spec_engine.generate_batch(prompt, speculative_num_tokens=args.gamma, **kw))
+        (spec_out, s), spec_s = timed(device, lambda: speculative_batch(spec_engine, prompt, args.gamma, **kw))
         if temperature == 0.0:
             assert spec_out == base_out, "speculative greedy output differs from plain greedy"
-        s = spec_engine.last_speculative_stats
         alpha, per_forward = s["position_acceptance_rate"], s["tokens_per_target_forward"]
         formula = expected_tokens_per_forward(alpha, args.gamma)
         speedup = (generated_count(spec_out, [prompt]) / spec_s) / (generated_count(base_out, [prompt]) / base_s)
@@ -139,9 +181,8 @@ def main():
     for name, prompt in (("grounded", grounded), ("free text", free)):
         kw = dict(max_tokens=min(args.max_tokens, target.config.sequence_len - len(prompt)), temperature=0.0)
         (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
-        (ngram_out, _), ngram_s = timed(device, lambda: ngram_engine.generate_batch(prompt, speculative_num_tokens=args.gamma, **kw))
+        (ngram_out, s), ngram_s = timed(device, lambda: speculative_batch(ngram_engine, prompt, args.ngram_gamma, **kw))
         assert ngram_out == base_out, "n-gram speculative greedy output differs from plain greedy"
-        s = ngram_engine.last_speculative_stats
         speedup = base_s / ngram_s
         rows.append((f"n-gram {name}, T=0", f"alpha {s['position_acceptance_rate']:.3f}, {s['tokens_per_target_forward']:.2f} tok/fwd",
                      f"{speedup:.2f}x wall, identical output"))

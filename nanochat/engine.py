@@ -1,216 +1,14 @@
 """
-Inference: the KV cache and generation.
-
-The cache is preallocated and keeps a length per row, so rows can sit at different positions: prompts
-of different lengths share one batch, a speculative step is rolled back by setting a row's length back,
-and a server can put a new sequence into a free row between decode steps.
+Generation: prefill once, then one forward per generated token (or per verified draft with speculative
+decoding), for one prompt or a batch of prompts of different lengths, with the calculator tool.
 """
-
-import ast
-import math
-import operator
-from collections import deque
 
 import torch
 
+from nanochat.kv_cache import KVCache
 from nanochat.sampling import sample_next_token, validate_sampling_params
-
-
-class KVCache:
-    """
-    Per layer and per cached quantity, a tensor (B, seq_len, *shape): for MHA/GQA "k" and "v" with shape
-    (n_kv_head, head_dim); for MLA only "c_kv" (kv_lora_rank,) and "k_rope" (qk_rope_head_dim,).
-    lengths[b] = number of valid positions in row b; positions >= lengths[b] hold stale values that are
-    never attended (the mask stops at each row's own length) and get overwritten by later writes.
-    """
-
-    def __init__(self, batch_size, seq_len, num_layers, layout, device, dtype=torch.float32):
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.num_layers = num_layers
-        self.layout = dict(layout)
-        self.tensors = {name: torch.zeros(num_layers, batch_size, seq_len, *shape, device=device, dtype=dtype)
-                        for name, shape in self.layout.items()}
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._step_positions = None  # (B, T) positions written by the forward in flight
-
-    @classmethod
-    def for_model(cls, model, batch_size, seq_len, dtype=None):
-        """
-        A cache in the dtype attention computes in (unless given): autocast's when autocast is on for the
-        model's device (bf16 K/V: half the memory of fp32 weights, and SDPA reads it without a cast copy
-        of the whole history per layer per step), else the weights'.
-        """
-        device = model.get_device()
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
-        return cls(batch_size, seq_len, model.config.n_layer, model.kv_cache_layout(), device, dtype)
-
-    def positions(self, T):
-        """(B, T) absolute positions of the T new tokens of each row."""
-        offsets = torch.arange(T, device=self.lengths.device)
-        self._step_positions = self.lengths[:, None] + offsets[None, :]
-        self._visible_len = int(self._step_positions.max()) + 1
-        return self._step_positions
-
-    def attention_mask(self, T):
-        """(B, 1, T, S) bool: query t of row b sees key s iff s <= lengths[b] + t."""
-        keys = torch.arange(self._visible_len, device=self.lengths.device)
-        return (keys[None, None, :] <= self._step_positions[:, :, None]).unsqueeze(1)
-
-    def write(self, layer_idx, name, values):
-        """Store values (B, T, *shape) at this step's positions; return the visible history (B, S, *shape)."""
-        cache = self.tensors[name][layer_idx]
-        rows = torch.arange(self.batch_size, device=values.device)[:, None]
-        cache[rows, self._step_positions] = values.to(cache.dtype)
-        return cache[:, :self._visible_len]
-
-    def advance(self, T):
-        self.lengths += T
-
-    def set_lengths(self, lengths):
-        """Roll rows back (speculative rejection) or set the real prompt lengths after a padded prefill."""
-        self.lengths.copy_(torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device))
-
-    def reset(self):
-        self.lengths.zero_()
-
-    def view(self, start, stop):
-        """Rows [start, stop) as a KVCache sharing this one's storage: a forward on the view writes in place."""
-        view = KVCache.__new__(KVCache)
-        view.batch_size, view.seq_len, view.num_layers, view.layout = stop - start, self.seq_len, self.num_layers, self.layout
-        view.tensors = {name: t[:, start:stop] for name, t in self.tensors.items()}
-        view.lengths = self.lengths[start:stop]
-        view._step_positions = None
-        return view
-
-    def copy_row(self, src, dst, n=None):
-        """
-        Row dst becomes a copy of row src, or of its first n positions (a server packing its running rows,
-        sharing a prefilled prompt, reusing a cached prefix).
-        """
-        n = int(self.lengths[src]) if n is None else n  # only the valid positions: the rest is never read
-        for t in self.tensors.values():
-            t[:, dst, :n] = t[:, src, :n]
-        self.lengths[dst] = n
-
-    def reorder(self, row_indices, seq_len=None):
-        """
-        New rows from old ones: row b becomes a copy of row row_indices[b] (beam search; sharing one
-        prefilled prompt among num_samples rows). The batch size may change; seq_len may grow the capacity.
-        """
-        idx = torch.as_tensor(row_indices, dtype=torch.long, device=self.lengths.device)
-        seq_len = seq_len or self.seq_len
-        for name, t in self.tensors.items():
-            rows = t[:, idx]  # (num_layers, new_B, old seq_len, *shape)
-            if seq_len > self.seq_len:
-                grown = rows.new_zeros(rows.shape[0], rows.shape[1], seq_len, *rows.shape[3:])
-                grown[:, :, :self.seq_len] = rows
-                rows = grown
-            self.tensors[name] = rows
-        self.lengths = self.lengths[idx]
-        self.batch_size, self.seq_len = len(idx), seq_len
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# The calculator tool. The model writes an expression between <|python_start|> and <|python_end|>; we
-# evaluate it by walking its syntax tree ourselves (never eval/exec), allowing only numbers, + - * / // %
-# ** with small exponents, parentheses, and "<string>.count(<string>)". Anything else is refused (None).
-
-_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-MAX_EXPRESSION_CHARS = 200
-MAX_NUMBER_MAGNITUDE = 1e100  # keeps every intermediate result small enough to compute instantly
-
-
-def _evaluate_node(node):
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.Constant) and type(node.value) is str:
-        return node.value
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        operand = _evaluate_node(node.operand)
-        if isinstance(operand, str):
-            raise ValueError("arithmetic on a string")
-        return _UNARY_OPS[type(node.op)](operand)
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _evaluate_node(node.left), _evaluate_node(node.right)
-        if isinstance(left, str) or isinstance(right, str):
-            raise ValueError("arithmetic on a string")
-        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
-            raise ValueError("exponent too large")
-        result = _BINARY_OPS[type(node.op)](left, right)
-        if isinstance(result, complex) or abs(result) > MAX_NUMBER_MAGNITUDE:
-            raise ValueError("result out of range")
-        return result
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and not node.keywords and len(node.args) == 1):
-        haystack, needle = _evaluate_node(node.func.value), _evaluate_node(node.args[0])
-        if isinstance(haystack, str) and isinstance(needle, str):
-            return haystack.count(needle)
-    raise ValueError(f"not allowed: {type(node).__name__}")
-
-
-def calculator(expression):
-    """The tool's answer as text, or None when the expression is not plain arithmetic / str.count."""
-    expression = expression.strip().replace(",", "") if "count" not in expression else expression.strip()
-    if not expression or len(expression) > MAX_EXPRESSION_CHARS:
-        return None
-    try:
-        tree = ast.parse(expression, mode="eval")
-        value = _evaluate_node(tree.body)
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
-        return None
-    if isinstance(value, str):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        value = int(value) if value.is_integer() and abs(value) < 1e15 else round(value, 10)
-    return str(value)
-
-
-class RowState:
-    """
-    One generated sequence: forced tool-output tokens waiting to be fed, the python expression being
-    written, and whether the row is finished.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        special = tokenizer.encode_special
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.terminal = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.forced = deque()
-        self.expression = None  # token ids between python_start and python_end, while inside
-        self.done = False
-
-    def has_forced(self):
-        return bool(self.forced)
-
-    def next(self, sampled):
-        """The token this row emits given what was sampled: (token, mask) with mask 0 if forced."""
-        token, mask = (self.forced.popleft(), 0) if self.forced else (sampled, 1)
-        if token in self.terminal:
-            self.done = True
-        elif token == self.python_start:
-            self.expression = []
-        elif token == self.python_end and self.expression is not None:
-            result = calculator(self.tokenizer.decode(self.expression))
-            self.expression = None
-            if result is not None:
-                self.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-        elif self.expression is not None:
-            self.expression.append(token)
-        return token, mask
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generation
+from nanochat.speculative import SpeculativeRun
+from nanochat.tools import RowState
 
 
 def _normalize_prompts(tokens):
@@ -248,13 +46,12 @@ class Engine:
 
     def __init__(self, model, tokenizer, draft=None):
         self.model, self.tokenizer, self.draft = model, tokenizer, draft
-        self.last_speculative_stats = None
 
     @property
     def context_len(self):
         return self.model.config.sequence_len
 
-    def _check(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, speculative_num_tokens):
+    def _check(self, prompts, num_samples, max_tokens, temperature, top_k, top_p):
         """Validate everything up front, so bad input is a ValueError here and never an error in torch."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
@@ -273,19 +70,12 @@ class Engine:
                                  f"no room to generate")
             if min(p) < 0 or max(p) >= vocab_size:
                 raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
-        if speculative_num_tokens:
-            if isinstance(speculative_num_tokens, bool) or not isinstance(speculative_num_tokens, int) or speculative_num_tokens < 0:
-                raise ValueError(f"speculative_num_tokens must be a non-negative integer, got {speculative_num_tokens!r}")
-            if num_samples != 1 or len(prompts) != 1:
-                raise ValueError("speculative decoding needs num_samples == 1 and a single prompt")
-            if self.draft is None:
-                raise ValueError("speculative decoding needs a drafter: Engine(model, tokenizer, draft=<GPT> or 'ngram')")
 
     def _max_new_tokens(self, prompts, max_tokens):
         room = self.context_len - max(len(p) for p in prompts)
         return room if max_tokens is None else min(max_tokens, room)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, prompts, num_samples=1, capacity=None):
         """
         Run the prompts once, right-padded into one batch (row i's pad positions come after its tokens,
@@ -306,7 +96,7 @@ class Engine:
         kv_cache.reorder(rows, seq_len=max(capacity or T, T))
         return kv_cache, last[rows]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
                  speculative_num_tokens=0, **speculative_options):
         """
@@ -316,14 +106,15 @@ class Engine:
         top_k and top_p may also be per-row lists. Stops when every row has emitted <|assistant_end|> / <|bos|>, after max_tokens
         steps, or at the end of the context.
         """
-        prompts, _ = _normalize_prompts(tokens)
-        self._check(prompts, num_samples, max_tokens, temperature, top_k, top_p, speculative_num_tokens)
-        max_new = self._max_new_tokens(prompts, max_tokens)
         if speculative_num_tokens:
-            from nanochat.speculative import speculative_generate
-            yield from speculative_generate(self, prompts[0], max_new, temperature, top_k, top_p, seed,
-                                            speculative_num_tokens, **speculative_options)
+            if num_samples != 1:
+                raise ValueError("speculative decoding needs num_samples == 1 and a single prompt")
+            yield from self.speculative(tokens, max_tokens, temperature, top_k, top_p, seed, speculative_num_tokens,
+                                        **speculative_options)
             return
+        prompts, _ = _normalize_prompts(tokens)
+        self._check(prompts, num_samples, max_tokens, temperature, top_k, top_p)
+        max_new = self._max_new_tokens(prompts, max_tokens)
         device = self.model.get_device()
         generator = torch.Generator(device=device).manual_seed(seed)
         kv_cache, logits = self.prefill(prompts, num_samples, capacity=max(map(len, prompts)) + max_new)
@@ -346,6 +137,26 @@ class Engine:
             ids = torch.tensor([column[i] for i in active], dtype=torch.long, device=device)[:, None]  # (active, 1)
             logits = self.model(ids, kv_cache=kv_cache)[:, -1]
 
+    def speculative(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
+                    speculative_num_tokens=4, **options) -> SpeculativeRun:
+        """
+        Speculative decoding of one prompt with this engine's drafter: a SpeculativeRun, iterated like
+        generate (([token], [mask]) per step), whose `stats` (drafted, accepted, tokens per target forward,
+        ...) the caller reads whenever it likes. options: see SpeculativeRun.
+        """
+        gamma = speculative_num_tokens
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"speculative_num_tokens must be a positive integer (0 = off in generate), got {gamma!r}")
+        if self.draft is None:
+            raise ValueError("speculative decoding needs a drafter: Engine(model, tokenizer, draft=<GPT> or 'ngram')")
+        prompts, is_batch = _normalize_prompts(tokens)
+        if is_batch and len(prompts) != 1:
+            raise ValueError("speculative decoding needs num_samples == 1 and a single prompt")
+        self._check(prompts, 1, max_tokens, temperature, top_k, top_p)
+        max_new = self._max_new_tokens(prompts, max_tokens)
+        return SpeculativeRun(self.model, self.tokenizer, self.draft, prompts[0], max_new, temperature, top_k, top_p,
+                              seed, speculative_num_tokens, **options)
+
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """
         Non-streaming generate. Returns (results, masks): one token list per row, the prompt included and
@@ -353,11 +164,16 @@ class Engine:
         i * num_samples + j is sample j of prompt i (with num_samples=1, row i is prompt i).
         """
         prompts, _ = _normalize_prompts(tokens)
+        steps = self.generate(prompts if len(prompts) > 1 else prompts[0], num_samples, **kwargs)
+        return self.collect(steps, prompts, num_samples)
+
+    def collect(self, steps, prompts, num_samples=1):
+        """generate_batch's (results, masks) from the steps of generate or of a SpeculativeRun."""
         results = [list(p) for p in prompts for _ in range(num_samples)]
         masks = [[0] * len(p) for p in prompts for _ in range(num_samples)]
         terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         done = [False] * len(results)
-        for column, column_masks in self.generate(prompts if len(prompts) > 1 else prompts[0], num_samples, **kwargs):
+        for column, column_masks in steps:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue
@@ -370,7 +186,7 @@ class Engine:
                 break
         return results, masks
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def beam_search(self, tokens, num_beams=4, max_tokens=64, top_k=3, min_length=5.0, alpha=1.2):
         """
         Beam search with the GNMT length penalty lp(n) = ((min_length + n) / (min_length + 1)) ** alpha:
@@ -386,7 +202,7 @@ class Engine:
         for name, value in (("num_beams", num_beams), ("max_tokens", max_tokens), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self._check(prompts, 1, max_tokens, 1.0, None, None, 0)
+        self._check(prompts, 1, max_tokens, 1.0, None, None)
         prompt = prompts[0]
         max_new = self._max_new_tokens(prompts, max_tokens)
         terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}

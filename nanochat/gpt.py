@@ -82,24 +82,28 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):
-    # x: (B, T, H, D); cos/sin broadcast to (B, T, 1, D/2). Rotate the two halves of the head dim.
+    """
+    x: (B, T, H, D) rotated pairwise (x1, x2) = its two halves: (x1 cos + x2 sin, x2 cos - x1 sin).
+    cos, sin: (1 or B, T, 1, D), the tables already laid out as [cos, cos] and [sin, -sin], so the rotation is
+    x * cos + [x2, x1] * sin: four ops instead of eight (decode is bound by per-op overhead), same bits.
+    """
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return x * cos + torch.cat([x[..., d:], x[..., :d]], dim=-1) * sin
 
 
 def attention(q, k, v, attn_mask=None, scale=None):
     """
     Scaled dot-product attention, q (B, H, T, D) over k, v (B, H_kv, S, D|Dv) with H a multiple of H_kv.
-    Without a mask it is causal (T == S). With a mask (a KV cache whose rows have different lengths) and
+    Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With a mask (a KV cache whose rows have different lengths) and
     H > H_kv, CUDA has no fused kernel that takes both enable_gqa and a mask: the math fallback would build
     (B, H, T, S) scores. Instead each group of H / H_kv query heads is folded into the query axis,
     (B, H_kv, group*T, D), with the mask repeated to match, and the memory-efficient kernel runs, K/V uncopied.
     """
     B, H, T, D = q.shape
     H_kv = k.size(1)
-    if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != H_kv)
+    if attn_mask is None:  # causal aligned to the last key: T == S (no cache or an empty one) or T == 1 (decode)
+        assert T == 1 or T == k.size(2), "a query block shorter than the keys needs a mask"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=H != H_kv)
     if H == H_kv:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     group = H // H_kv
@@ -127,7 +131,9 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        # rotary and QK-norm over the query and key heads together: half the ops (decode is op-bound)
+        qk = norm(apply_rotary_emb(torch.cat([q, k], dim=2), cos, sin))
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         if kv_cache is not None:
             # the full history of this layer: (B, S, n_kv_head, head_dim), S = longest row + T
             k = kv_cache.write(self.layer_idx, "k", k)
@@ -241,7 +247,9 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (seq_len, dim/2)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, seq_len, 1, dim/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        # laid out for apply_rotary_emb: (1, seq_len, 1, dim)
+        return torch.cat([cos, cos], dim=-1)[None, :, None, :], torch.cat([sin, -sin], dim=-1)[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self):
@@ -304,14 +312,17 @@ class GPT(nn.Module):
         if kv_cache is None:
             if T > self.rotary_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_seq_len})")
-            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, rope_dim/2)
+            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, rope_dim)
             attn_mask = None
         else:
-            positions = kv_cache.positions(T)  # (B, T)
-            if int(positions.max()) >= min(self.rotary_seq_len, kv_cache.seq_len):
-                raise ValueError(f"KV cache of {kv_cache.seq_len} positions is full")
-            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, rope_dim/2)
-            attn_mask = kv_cache.attention_mask(T)  # (B, 1, T, S)
+            if kv_cache.seq_len > self.rotary_seq_len:
+                raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_seq_len})")
+            start, positions = kv_cache.begin_step(T)
+            if start is not None:  # every row at the same length: a slice, no gather
+                cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]  # (1, T, 1, rope_dim)
+            else:
+                cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, rope_dim)
+            attn_mask = kv_cache.attention_mask(T)  # None, or (B or 1, 1, T, S)
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:

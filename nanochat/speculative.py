@@ -12,18 +12,20 @@ both are one-hot, so a draft is accepted iff it equals the target's argmax: gree
 One-hot drafts (n-grams, q = δ_d) simplify to: sample s ~ p; accept iff s == d, else emit that same s.
 
 Drafters: a small GPT with its own KV cache (`draft=<GPT>`), or n-grams of the context (`draft="ngram"`).
-Adaptive γ: "entropy" (γ = clip(int((1 − H/log V)·γ_max), γ_min, γ_max) from the drafter's entropy,
-optionally EMA-smoothed) or "acceptance" (γ maximizing expected tokens per unit of cost for the observed
-acceptance rate α: E[tokens] = (1 − α^(γ+1)) / (1 − α), cost = 1 + draft_cost·γ).
+Both implement propose(tokens, gamma) -> (drafts, q or None) and sync(tokens, target_logits), called after
+every verification, and carry `cost`: one drafted token's cost relative to a target forward.
+Adaptive γ: "acceptance" (the default: γ maximizing expected tokens per unit of cost for the observed
+acceptance rate α: E[tokens] = (1 − α^(γ+1)) / (1 − α), cost = 1 + cost·γ), "entropy" (γ = clip(int((1 −
+H/log V)·γ_max), γ_min, γ_max) from the drafter's entropy, optionally EMA-smoothed) or None (always γ_max).
 """
 
 import math
-from collections import defaultdict
 
 import torch
 
-from nanochat.engine import KVCache, RowState
+from nanochat.kv_cache import KVCache
 from nanochat.sampling import is_greedy, process_logits, sample_from_probs
+from nanochat.tools import RowState
 
 ADAPTIVE_RULES = (None, "entropy", "acceptance")
 
@@ -36,37 +38,40 @@ class NgramDrafter:
     longest matching context. With stop_when_unknown=False and no match, a unigram guess continues.
     filler_top_k > 0 adds the target's top-k tokens at verified positions as pseudo-observations
     (weight filler_weight), so contexts the target has scored become draftable before they repeat.
+
+    The index is incremental: each new token costs one update per level, and each context keeps its current
+    best continuation, so a proposal is one dictionary lookup per level and drafted token.
     """
+
+    cost = 0.05  # a drafted token costs a little Python, and widens the verify forward by one position
 
     def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
         self.stop_when_unknown, self.filler_top_k, self.filler_weight = stop_when_unknown, filler_top_k, filler_weight
-        self.counts = defaultdict(lambda: defaultdict(float))  # context tuple -> next token -> weight
-        self.last_seen = {}  # (context, token) -> time, to break ties towards the most recent
-        self.clock = 0
+        self.counts = {}  # context tuple -> {next token: weight}
+        self.best = {}  # context tuple -> its most frequent next token, the latest seen among equals
         self.observed = 0  # how many tokens of the sequence have been indexed
 
     def _add(self, context, token, weight):
-        self.counts[context][token] += weight
-        self.clock += 1
-        self.last_seen[(context, token)] = self.clock
+        nexts = self.counts.setdefault(context, {})
+        nexts[token] = nexts.get(token, 0.0) + weight
+        best = self.best.get(context)
+        if best is None or nexts[token] >= nexts[best]:  # >=: the token just seen is the latest
+            self.best[context] = token
 
     def observe(self, tokens):
         """Index the n-grams ending at tokens[self.observed:] (call with the whole sequence so far)."""
         for i in range(max(self.observed, 1), len(tokens)):
-            for n in range(self.min_n, self.max_n + 1):
-                if i - (n - 1) >= 0:
-                    self._add(tuple(tokens[i - n + 1:i]), tokens[i], 1.0)
+            for n in range(self.min_n, min(self.max_n, i + 1) + 1):
+                self._add(tuple(tokens[i - n + 1:i]), tokens[i], 1.0)
             if not self.stop_when_unknown:
                 self._add((), tokens[i], 1.0)
-        self.observed = len(tokens)
+        self.observed = max(self.observed, len(tokens))
 
     def observe_target(self, context_tokens, target_scores):
         """Filler: the target's top-k at a verified position (logits or probs (V,)) become weak observations."""
-        if self.filler_top_k <= 0:
-            return
         top = target_scores.topk(self.filler_top_k).indices.tolist()
         for n in range(self.min_n, self.max_n + 1):
             if len(context_tokens) >= n - 1:
@@ -74,40 +79,48 @@ class NgramDrafter:
                 for token in top:
                     self._add(context, token, self.filler_weight)
 
-    def _lookup(self, tokens):
-        levels = range(self.max_n, self.min_n - 1, -1)
-        contexts = [tuple(tokens[len(tokens) - (n - 1):]) for n in levels if len(tokens) >= n - 1]
-        if not self.stop_when_unknown:
-            contexts.append(())
-        for context in contexts:
-            nexts = self.counts.get(context)
-            if nexts:
-                return max(nexts, key=lambda t: (nexts[t], self.last_seen[(context, t)]))
-        return None
+    def _lookup(self, tail):
+        """The continuation of the longest indexed context ending `tail` (the last max_n − 1 tokens), or None."""
+        for n in range(min(self.max_n, len(tail) + 1), self.min_n - 1, -1):
+            token = self.best.get(tuple(tail[len(tail) - (n - 1):]))
+            if token is not None:
+                return token
+        return None if self.stop_when_unknown else self.best.get(())
 
     def propose(self, tokens, gamma):
-        drafts = []
+        self.observe(tokens)
+        tail, drafts = list(tokens[max(0, len(tokens) - (self.max_n - 1)):]) if self.max_n > 1 else [], []
         for _ in range(gamma):
-            token = self._lookup(tokens + drafts)
+            token = self._lookup(tail)
             if token is None:
                 break
             drafts.append(token)
-        return drafts
+            tail = (tail + [token])[1:] if len(tail) == self.max_n - 1 else tail + [token]
+        return drafts, None
+
+    def sync(self, tokens, target_logits):
+        """target_logits (k, V): the target's logits that predicted the last k of tokens."""
+        if self.filler_top_k > 0:
+            k = target_logits.size(0)
+            for i in range(k):
+                self.observe_target(tokens[:len(tokens) - k + i], target_logits[i])
 
 
 class ModelDrafter:
     """A small GPT sharing the tokenizer, with its own KV cache that follows the accepted sequence."""
 
-    def __init__(self, model, capacity):
-        self.model = model
+    def __init__(self, model, target, capacity, sampling, generator, gamma_rule=None):
+        if model.config.vocab_size != target.config.vocab_size:
+            raise ValueError("the draft model must share the target's tokenizer (vocab sizes differ)")
+        self.model, self.sampling, self.generator, self.gamma_rule = model, sampling, generator, gamma_rule
         self.kv_cache = KVCache.for_model(model, 1, capacity)
         self.cached = 0  # tokens of the sequence already in the draft cache
+        self.cost = model.estimate_flops() / target.estimate_flops()
 
-    @torch.no_grad()
-    def propose(self, tokens, gamma, sampling, generator, first_gamma_rule=None):
+    def propose(self, tokens, gamma):
         """
-        Sample up to gamma drafts from q. Returns (drafts, q (len(drafts), V)). first_gamma_rule(q_1)
-        may shrink gamma after seeing the first distribution (entropy-adaptive γ).
+        Sample up to gamma drafts from q. Returns (drafts, q (len(drafts), V)). gamma_rule(probs) may shrink
+        gamma after seeing the first distribution (entropy-adaptive γ).
         """
         device = self.model.get_device()
         self.kv_cache.set_lengths([self.cached])
@@ -115,18 +128,18 @@ class ModelDrafter:
         drafts, qs = [], []
         while len(drafts) < gamma:
             logits = self.model(ids, kv_cache=self.kv_cache)[:, -1]  # (1, V)
-            q = process_logits(logits, **sampling)
-            if not drafts and first_gamma_rule is not None:  # entropy of the model itself, before temperature etc.
-                gamma = min(gamma, first_gamma_rule(torch.softmax(logits[0].float(), dim=-1)))
-            token = sample_from_probs(q, generator)  # (1, 1)
+            q = process_logits(logits, **self.sampling)
+            if not drafts and self.gamma_rule is not None:  # entropy of the model itself, before temperature etc.
+                gamma = min(gamma, self.gamma_rule(torch.softmax(logits[0].float(), dim=-1)))
+            token = sample_from_probs(q, self.generator)  # (1, 1)
             drafts.append(int(token))
             qs.append(q[0])
             ids = token
         self.cached = len(tokens) + len(drafts) - 1  # the last draft was sampled, not fed
-        return drafts, torch.stack(qs)
+        return drafts, torch.stack(qs) if qs else None
 
-    def rollback(self, num_valid):
-        self.cached = min(self.cached, num_valid)
+    def sync(self, tokens, target_logits):
+        self.cached = min(self.cached, len(tokens) - 1)  # the last token (the target's) was never fed here
 
 
 def entropy_gamma(probs, gamma_min, gamma_max):
@@ -174,106 +187,134 @@ def verify(p, drafts, q, generator, greedy=False):
     return len(drafts), int(sample_from_probs(p[len(drafts):len(drafts) + 1], generator))
 
 
-@torch.no_grad()
-def speculative_generate(engine, prompt, max_new, temperature, top_k, top_p, seed, gamma_max,
-                         adaptive=None, gamma_min=1, entropy_ema=None, draft_cost=None, ngram_max_n=4,
-                         ngram_min_n=2, ngram_stop_when_unknown=True, ngram_filler_top_k=0, tool_state=None):
+class GammaRule:
+    """How many tokens to draft next: γ_max, or adapted to the observed acceptance or to the entropy."""
+
+    def __init__(self, adaptive, gamma_min, gamma_max, draft_cost, entropy_ema=None):
+        if adaptive not in ADAPTIVE_RULES:
+            raise ValueError(f"adaptive must be one of {ADAPTIVE_RULES}, got {adaptive!r}")
+        if not 1 <= gamma_min <= gamma_max:
+            raise ValueError(f"need 1 <= gamma_min <= speculative_num_tokens, got gamma_min={gamma_min}")
+        self.adaptive, self.gamma_min, self.gamma_max = adaptive, gamma_min, gamma_max
+        self.draft_cost, self.entropy_ema = draft_cost, entropy_ema
+        self.gamma, self.alpha, self.smoothed_entropy = gamma_max, None, None
+
+    def from_entropy(self, probs):
+        g, h = entropy_gamma(probs, self.gamma_min, self.gamma_max)
+        if self.entropy_ema is not None:
+            s = self.smoothed_entropy
+            self.smoothed_entropy = h if s is None else self.entropy_ema * s + (1 - self.entropy_ema) * h
+            g = int((1 - self.smoothed_entropy / math.log(probs.numel())) * self.gamma_max)
+            g = min(max(g, self.gamma_min), self.gamma_max)
+        return g
+
+    def observe(self, num_drafted, num_accepted):
+        """After a verification: the acceptance rule follows an exponential average of the acceptance."""
+        if num_drafted and self.adaptive == "acceptance":
+            observed = num_accepted / num_drafted
+            self.alpha = observed if self.alpha is None else 0.7 * self.alpha + 0.3 * observed
+            self.gamma = acceptance_gamma(self.alpha, self.draft_cost, self.gamma_min, self.gamma_max)
+
+
+def new_stats():
+    return dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
+                position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
+
+
+class SpeculativeRun:
     """
-    Engine.generate(..., speculative_num_tokens=γ): yields ([token], [mask]) one token at a time.
+    One speculative generation (Engine.speculative): iterate it for ([token], [mask]) one token at a time,
+    as Engine.generate yields. `stats` belongs to this run and is current after every token, so a caller that
+    stops early (a server switching back to batching, a client going away) still reads what happened.
     tool_state: the RowState of a sequence that has already generated part of its reply (a server
     continuing it): its calculator state carries on here, and is exactly up to date after every yield.
     """
-    if adaptive not in ADAPTIVE_RULES:
-        raise ValueError(f"adaptive must be one of {ADAPTIVE_RULES}, got {adaptive!r}")
-    if not 1 <= gamma_min <= gamma_max:
-        raise ValueError(f"need 1 <= gamma_min <= speculative_num_tokens, got gamma_min={gamma_min}")
-    model, tokenizer = engine.model, engine.tokenizer
-    device = model.get_device()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    greedy = is_greedy(temperature)
-    capacity = len(prompt) + max_new + gamma_max + 1
-    if engine.draft == "ngram":
-        drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k)
-        draft_cost = 0.05 if draft_cost is None else draft_cost
-    else:
-        if engine.draft.config.vocab_size != model.config.vocab_size:
-            raise ValueError("the draft model must share the target's tokenizer (vocab sizes differ)")
-        drafter = ModelDrafter(engine.draft, capacity)
-        draft_cost = engine.draft.estimate_flops() / model.estimate_flops() if draft_cost is None else draft_cost
 
-    target_cache = KVCache.for_model(model, 1, capacity)
-    target_cached = 0
-    tokens, row = list(prompt), RowState(tokenizer) if tool_state is None else tool_state
-    stats = dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
-                 position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
-    engine.last_speculative_stats = stats
-    gamma, alpha, smoothed_entropy = gamma_max, None, None
-
-    def entropy_rule(probs):
-        nonlocal smoothed_entropy
-        g, h = entropy_gamma(probs, gamma_min, gamma_max)
-        if entropy_ema is not None:
-            smoothed_entropy = h if smoothed_entropy is None else entropy_ema * smoothed_entropy + (1 - entropy_ema) * h
-            g = int(min(max(int((1 - smoothed_entropy / math.log(probs.numel())) * gamma_max), gamma_min), gamma_max))
-        return g
-
-    last_distribution = None
-    while stats["emitted"] < max_new and not row.done:
-        if row.has_forced():  # tool output: emitted as is, fed with the next verification forward
-            token, mask = row.next(None)
-            tokens.append(token)
-            stats["emitted"] += 1
-            yield [token], [mask]
-            continue
-        budget = min(gamma, max_new - stats["emitted"] - 1)  # the forward also yields a bonus/correction token
-        if adaptive == "entropy" and engine.draft == "ngram" and last_distribution is not None:
-            budget = min(budget, entropy_rule(last_distribution))  # the target's latest entropy as the proxy
-        if engine.draft == "ngram":
-            drafter.observe(tokens)
-            drafts, q = drafter.propose(tokens, budget), None
-        elif budget > 0:
-            drafts, q = drafter.propose(tokens, budget, sampling, generator,
-                                        entropy_rule if adaptive == "entropy" else None)
+    def __init__(self, model, tokenizer, draft, prompt, max_new, temperature, top_k, top_p, seed, gamma_max,
+                 adaptive="acceptance", gamma_min=1, entropy_ema=None, draft_cost=None, ngram_max_n=4,
+                 ngram_min_n=2, ngram_stop_when_unknown=True, ngram_filler_top_k=0, tool_state=None):
+        device = model.get_device()
+        self.model, self.max_new = model, max_new
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        capacity = len(prompt) + max_new + gamma_max + 1
+        if draft == "ngram":
+            self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k)
         else:
-            drafts, q = [], None
+            self.drafter = ModelDrafter(draft, model, capacity, self.sampling, self.generator)
+        self.gamma_rule = GammaRule(adaptive, gamma_min, gamma_max,
+                                    self.drafter.cost if draft_cost is None else draft_cost, entropy_ema)
+        if adaptive == "entropy" and draft != "ngram":
+            self.drafter.gamma_rule = self.gamma_rule.from_entropy
+        self.target_cache = KVCache.for_model(model, 1, capacity)
+        self.row = RowState(tokenizer) if tool_state is None else tool_state
+        self.stats = new_stats()
+        self._tokens = self._generate(list(prompt))
 
-        # one target forward over the not-yet-cached tokens plus the drafts
-        target_cache.set_lengths([target_cached])
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._tokens)
+
+    def close(self):
+        self._tokens.close()
+
+    def _verify_step(self, tokens, target_cached, last_distribution):
+        """
+        Draft, then one target forward over the not-yet-cached tokens plus the drafts.
+        Returns (drafts, number accepted, the token after them, target logits at the verified positions).
+        """
+        budget = min(self.gamma_rule.gamma, self.max_new - self.stats["emitted"] - 1)  # +1: the bonus/correction
+        if self.gamma_rule.adaptive == "entropy" and isinstance(self.drafter, NgramDrafter) and last_distribution is not None:
+            budget = min(budget, self.gamma_rule.from_entropy(last_distribution))  # the target's entropy as the proxy
+        drafts, q = self.drafter.propose(tokens, budget) if budget > 0 else ([], None)
+        self.target_cache.set_lengths([target_cached])
         new = tokens[target_cached:] + drafts
-        logits = model(torch.tensor([new], dtype=torch.long, device=device), kv_cache=target_cache)[0]
-        p = logits[len(new) - len(drafts) - 1:]  # (len(drafts) + 1, V) at the draft positions and one past
-        if not greedy:  # greedy verification only compares argmaxes: no distribution needed
-            p = process_logits(p, **sampling)
-        num_accepted, next_token = verify(p, drafts, q, generator, greedy=greedy)
-        stats["target_forwards"] += 1
-        stats["drafted"] += len(drafts)
-        stats["accepted"] += num_accepted
-        stats["rejected"] += num_accepted < len(drafts)
-        stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+        ids = torch.tensor([new], dtype=torch.long, device=self.model.get_device())
+        logits = self.model(ids, kv_cache=self.target_cache)[0, len(new) - len(drafts) - 1:]  # (len(drafts) + 1, V)
+        greedy = is_greedy(self.sampling["temperature"])  # then verification only compares argmaxes
+        p = logits if greedy else process_logits(logits, **self.sampling)
+        num_accepted, next_token = verify(p, drafts, q, self.generator, greedy=greedy)
+        return drafts, num_accepted, next_token, logits[:num_accepted + 1]
+
+    def _count(self, num_drafted, num_accepted):
+        s = self.stats
+        s["target_forwards"] += 1
+        s["drafted"] += num_drafted
+        s["accepted"] += num_accepted
+        s["rejected"] += num_accepted < num_drafted
+        s["acceptance_rate"] = s["accepted"] / s["drafted"] if s["drafted"] else 0.0
         # per verified position (drafts after a rejection are never examined): the α of the formula
-        decided = stats["accepted"] + stats["rejected"]
-        stats["position_acceptance_rate"] = stats["accepted"] / decided if decided else 0.0
-        last_distribution = torch.softmax(logits[len(new) - len(drafts) - 1 + num_accepted].float(), dim=-1)
-        if engine.draft == "ngram":
-            for i in range(num_accepted + 1 if drafter.filler_top_k > 0 else 0):
-                drafter.observe_target(tokens + drafts[:i], logits[len(new) - len(drafts) - 1 + i])
-        target_cached = len(tokens) + num_accepted  # cache holds everything up to the last accepted draft
+        decided = s["accepted"] + s["rejected"]
+        s["position_acceptance_rate"] = s["accepted"] / decided if decided else 0.0
 
-        for token in drafts[:num_accepted] + [next_token]:
-            token, mask = row.next(token)
-            tokens.append(token)
-            stats["emitted"] += 1
-            # kept current at every token: the caller may stop iterating anywhere
-            stats["tokens_per_target_forward"] = stats["emitted"] / stats["target_forwards"]
-            yield [token], [mask]
-            if row.done or row.has_forced() or stats["emitted"] >= max_new:
-                break
-        target_cached = min(target_cached, len(tokens))
-        if isinstance(drafter, ModelDrafter):
-            drafter.rollback(len(tokens) - 1)
-
-        if drafts and adaptive == "acceptance":
-            observed = num_accepted / len(drafts)
-            alpha = observed if alpha is None else 0.7 * alpha + 0.3 * observed
-            gamma = acceptance_gamma(alpha, draft_cost, gamma_min, gamma_max)
+    @torch.inference_mode()  # as a decorator: entered and left around each resume, never across a yield
+    def _generate(self, tokens):
+        row, stats = self.row, self.stats
+        target_cached, last_distribution = 0, None
+        while stats["emitted"] < self.max_new and not row.done:
+            if row.has_forced():  # tool output: emitted as is, fed with the next verification forward
+                token, mask = row.next(None)
+                tokens.append(token)
+                stats["emitted"] += 1
+                yield [token], [mask]
+                continue
+            drafts, num_accepted, next_token, verified = self._verify_step(tokens, target_cached, last_distribution)
+            self._count(len(drafts), num_accepted)
+            self.gamma_rule.observe(len(drafts), num_accepted)
+            if self.gamma_rule.adaptive == "entropy":
+                last_distribution = torch.softmax(verified[-1].float(), dim=-1)
+            target_cached = len(tokens) + num_accepted  # the cache holds everything up to the last accepted draft
+            emitted = 0
+            for token in drafts[:num_accepted] + [next_token]:
+                token, mask = row.next(token)
+                tokens.append(token)
+                emitted += 1
+                stats["emitted"] += 1
+                stats["tokens_per_target_forward"] = stats["emitted"] / stats["target_forwards"]
+                yield [token], [mask]
+                if row.done or row.has_forced() or stats["emitted"] >= self.max_new:
+                    break
+            target_cached = min(target_cached, len(tokens))
+            self.drafter.sync(tokens, verified[:emitted])

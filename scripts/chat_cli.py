@@ -67,18 +67,21 @@ def reply(engine, prompt_tokens, args, autocast):
     terminal = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     printer = StreamPrinter(tokenizer)
     max_tokens = min(args.max_tokens, engine.context_len - len(prompt_tokens))
+    sampling = dict(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     with autocast:
-        for column, _ in engine.generate(prompt_tokens, max_tokens=max_tokens, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                         speculative_num_tokens=args.speculative_proposals):
+        if args.speculative_proposals:
+            steps = engine.speculative(prompt_tokens, speculative_num_tokens=args.speculative_proposals, **sampling)
+        else:
+            steps = engine.generate(prompt_tokens, **sampling)
+        for column, _ in steps:
             if column[0] in terminal:
                 break
             printer.add(column[0])
     print()
-    if engine.last_speculative_stats and args.speculative_proposals:
-        s = engine.last_speculative_stats
+    if args.speculative_proposals:
+        s = steps.stats
         print(f"[speculative: {s['accepted']}/{s['drafted']} drafts accepted, "
-              f"{s['emitted'] / max(s['target_forwards'], 1):.2f} tokens per target forward]")
+              f"{s['tokens_per_target_forward']:.2f} tokens per target forward]")
     return printer.tokens
 
 

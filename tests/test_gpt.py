@@ -3,7 +3,7 @@ import torch
 
 from nanochat.common import saved_tensor_bytes
 
-from nanochat.engine import KVCache
+from nanochat.kv_cache import KVCache
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 
 VOCAB = 97
@@ -67,22 +67,41 @@ def test_cached_equals_uncached(attention, n_kv_head):
 
 @pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
 def test_rows_at_different_lengths(attention, n_kv_head):
-    """Per-row lengths: a right-padded prefill + one decode step equals each row run alone."""
+    """
+    Per-row lengths: a right-padded prefill, one decode step, then a 3-token chunk per row (a batched
+    verify) equal each row run alone. The rows live in a view of a larger cache (a server's running
+    batch), so the scattered writes must land in the parent's storage.
+    """
     model = tiny_model(attention, n_kv_head).eval()
     lengths = [5, 11, 8]
-    rows = [torch.randint(0, VOCAB, (n + 1,)) for n in lengths]
+    rows = [torch.randint(0, VOCAB, (n + 4,)) for n in lengths]
     padded = torch.zeros(3, max(lengths), dtype=torch.long)
     for b, (row, n) in enumerate(zip(rows, lengths)):
         padded[b, :n] = row[:n]
     with torch.no_grad():
-        kv_cache = KVCache.for_model(model, batch_size=3, seq_len=32)
+        parent = KVCache.for_model(model, batch_size=5, seq_len=32)
+        kv_cache = parent.view(1, 4)
         model(padded, kv_cache=kv_cache)
         kv_cache.set_lengths(lengths)  # drop the pad positions: they are overwritten and never attended
         next_tokens = torch.stack([row[n] for row, n in zip(rows, lengths)])[:, None]
         batched = model(next_tokens, kv_cache=kv_cache)[:, 0]
+        chunk = model(torch.stack([row[n + 1:n + 4] for row, n in zip(rows, lengths)]), kv_cache=kv_cache)
         for b, (row, n) in enumerate(zip(rows, lengths)):
-            alone = model(row[None, :n + 1])[0, -1]
-            assert torch.allclose(batched[b], alone, atol=1e-5), b
+            alone = model(row[None])[0]
+            assert torch.allclose(batched[b], alone[n], atol=1e-5), b
+            assert torch.allclose(chunk[b], alone[n + 1:], atol=1e-5), b
+    assert parent.lengths.tolist() == [0, 9, 15, 12, 0]
+
+
+def test_rotary_matches_the_pairwise_rotation():
+    """The [cos, cos] / [sin, -sin] tables give bit for bit the textbook rotation of the two halves."""
+    from nanochat.gpt import apply_rotary_emb
+    model = tiny_model("mha")
+    x = torch.randn(2, 10, 4, 16)
+    cos, sin = model.cos[:, :10, :, :8], model.sin[:, :10, :, :8]
+    x1, x2 = x[..., :8], x[..., 8:]
+    expected = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    assert torch.equal(apply_rotary_emb(x, model.cos[:, :10], model.sin[:, :10]), expected)
 
 
 def test_mla_caches_only_latent():

@@ -36,9 +36,9 @@ def test_greedy_speculative_equals_plain(tokenizer, attention, adaptive):
     plain = Engine(target, tokenizer).generate_batch(prompt, max_tokens=50, temperature=0.0)[0][0]
     for drafter in (draft, target, "ngram"):  # a weak draft, a perfect draft, n-grams
         engine = Engine(target, tokenizer, draft=drafter)
-        spec = engine.generate_batch(prompt, max_tokens=50, temperature=0.0, speculative_num_tokens=4, adaptive=adaptive)
-        assert spec[0][0] == plain, drafter
-        stats = engine.last_speculative_stats
+        run = engine.speculative(prompt, max_tokens=50, temperature=0.0, speculative_num_tokens=4, adaptive=adaptive)
+        assert engine.collect(run, [prompt])[0][0] == plain, drafter
+        stats = run.stats
         assert stats["emitted"] == len(plain) - len(prompt) + (len(plain) - len(prompt) < 50)
         assert stats["accepted"] <= stats["drafted"]
     assert Engine(target, tokenizer, draft=target).generate_batch(
@@ -48,11 +48,16 @@ def test_greedy_speculative_equals_plain(tokenizer, attention, adaptive):
 def test_perfect_draft_accepts_everything(tokenizer):
     target = tiny_model(tokenizer.get_vocab_size())
     engine = Engine(target, tokenizer, draft=target)
-    engine.generate_batch([1, 2, 3], max_tokens=40, temperature=1.0, seed=3, speculative_num_tokens=4)
-    stats = engine.last_speculative_stats
+
+    def run_stats(seed):  # adaptive=None: always 4 drafts, so tokens per forward can be checked against γ = 4
+        run = engine.speculative([1, 2, 3], max_tokens=40, temperature=1.0, seed=seed, speculative_num_tokens=4,
+                                 adaptive=None)
+        engine.collect(run, [[1, 2, 3]])
+        return run.stats
+
+    stats = run_stats(3)
     assert stats["emitted"] == 31 and stats["acceptance_rate"] > 0.95  # this seed samples <|assistant_end|> early
-    engine.generate_batch([1, 2, 3], max_tokens=40, temperature=1.0, seed=0, speculative_num_tokens=4)
-    stats = engine.last_speculative_stats
+    stats = run_stats(0)
     assert stats["emitted"] == 40  # this seed samples no terminal token
     # p and q agree up to float noise (one batched forward vs token-by-token), so nearly all are accepted
     assert stats["acceptance_rate"] > 0.95
@@ -127,10 +132,11 @@ def test_speculative_sampling_matches_target_distribution(drafter, sampling):
     with torch.no_grad():
         exact = process_logits(target(torch.tensor([prompt]))[:, -1], **sampling)[0]
     engine = Engine(target, tokenizer, draft=draft)
-    trials = 3000
-    first = [next(engine.generate(prompt, max_tokens=3, seed=s, speculative_num_tokens=3, **sampling))[0][0]
-             for s in range(trials)]
-    drafted = engine.last_speculative_stats["drafted"]
+    trials, drafted, first = 3000, 0, []
+    for seed in range(trials):
+        run = engine.speculative(prompt, max_tokens=3, seed=seed, speculative_num_tokens=3, **sampling)
+        first.append(next(run)[0][0])
+        drafted += run.stats["drafted"]
     assert drafted > 0
     # expected TV of an exact sampler with 16 outcomes and 3000 draws is ~0.03; a wrong sampler is far off
     assert _empirical_tv(first, exact) < 0.06
@@ -139,18 +145,18 @@ def test_speculative_sampling_matches_target_distribution(drafter, sampling):
 def test_ngram_drafter():
     drafter = NgramDrafter(max_n=3, min_n=2)
     drafter.observe([1, 2, 3, 4, 1, 2, 3, 5, 1, 2])
-    assert drafter.propose([1, 2], 3) == [3, 5, 1]  # after (1, 2) comes 3; after (2, 3) the latest is 5
-    assert drafter.propose([9, 9], 3) == []  # unknown context: no drafts
+    assert drafter.propose([1, 2], 3) == ([3, 5, 1], None)  # after (1, 2) comes 3; after (2, 3) the latest is 5
+    assert drafter.propose([9, 9], 3) == ([], None)  # unknown context: no drafts
     single = NgramDrafter(max_n=2, min_n=2)
     single.observe([7, 8, 7, 9, 7, 9])
-    assert single.propose([7], 1) == [9]  # 9 follows 7 twice, 8 once
+    assert single.propose([7], 1) == ([9], None)  # 9 follows 7 twice, 8 once
     fallback = NgramDrafter(max_n=3, min_n=2, stop_when_unknown=False)
     fallback.observe([4, 4, 4, 6])
-    assert fallback.propose([9, 9], 2) == [4, 4]  # unigram back-off
+    assert fallback.propose([9, 9], 2) == ([4, 4], None)  # unigram back-off
     filler = NgramDrafter(max_n=2, min_n=2, filler_top_k=1)
     filler.observe([1, 2])
     filler.observe_target([1, 2, 5], torch.tensor([0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9]))
-    assert filler.propose([5], 1) == [7]
+    assert filler.propose([5], 1) == ([7], None)
     with pytest.raises(ValueError):
         NgramDrafter(max_n=2, min_n=3)
 
@@ -173,7 +179,7 @@ def test_bad_speculative_options(tokenizer):
         engine.generate_batch([1, 2], max_tokens=4, speculative_num_tokens=2, adaptive="magic")
     with pytest.raises(ValueError, match="gamma_min"):
         engine.generate_batch([1, 2], max_tokens=4, speculative_num_tokens=2, gamma_min=3)
-    with pytest.raises(ValueError, match="non-negative integer"):
+    with pytest.raises(ValueError, match="positive integer"):
         engine.generate_batch([1, 2], max_tokens=4, speculative_num_tokens=-1)
     other = Engine(tiny_model(tokenizer.get_vocab_size()), tokenizer, draft=tiny_model(400))
     with pytest.raises(ValueError, match="share the target's tokenizer"):

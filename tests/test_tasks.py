@@ -13,7 +13,7 @@ import datasets
 import pytest
 
 import tasks.spellingbee as spellingbee
-from nanochat.engine import calculator
+from nanochat.tools import calculator
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.aime import AIME, extract_answer as aime_answer
 from tasks.arc import ARC

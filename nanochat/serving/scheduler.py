@@ -41,7 +41,9 @@ from collections import defaultdict, deque
 import torch
 
 from nanochat.common import autocast_context
-from nanochat.engine import Engine, KVCache, RowState
+from nanochat.engine import Engine
+from nanochat.kv_cache import KVCache
+from nanochat.tools import RowState
 from nanochat.sampling import process_logits, sample_from_probs
 from nanochat.serving.prefix_cache import PrefixCache
 from nanochat.serving.tickets import Overloaded, count_queued
@@ -169,8 +171,8 @@ class Scheduler:
     def speculative_counts(self):
         """(drafted, accepted) tokens so far, including the speculative run in progress."""
         drafted, accepted = self.counters["drafted"], self.counters["accepted"]
-        stats = self.engine.last_speculative_stats
-        if self.solo is not None and stats:
+        if self.solo is not None:
+            stats = self.solo.speculative.stats
             drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
         return drafted, accepted
 
@@ -503,7 +505,7 @@ class Scheduler:
             # an unseeded request gets a seed from the host: the replica's generator lives on its device
             seed = seq.ticket.seed if seq.ticket.seed is not None else secrets.randbits(62)
             seed = (seed + len(seq.generated)) % 2**63  # a rejoin must not replay the first segment's draws
-            seq.speculative = self.engine.generate(
+            seq.speculative = self.engine.speculative(
                 seq.context(), max_tokens=seq.max_new - len(seq.generated), temperature=seq.ticket.temperature,
                 top_k=seq.ticket.top_k, top_p=seq.ticket.top_p, seed=seed,
                 speculative_num_tokens=self.speculative_proposals, tool_state=seq.tool)
@@ -517,9 +519,8 @@ class Scheduler:
         if seq.speculative is None:
             return
         seq.speculative.close()
-        stats = self.engine.last_speculative_stats or {}
-        self.counters["drafted"] += stats.get("drafted", 0)
-        self.counters["accepted"] += stats.get("accepted", 0)
+        self.counters["drafted"] += seq.speculative.stats["drafted"]
+        self.counters["accepted"] += seq.speculative.stats["accepted"]
         seq.speculative = None
 
     # ------------------------------------------------------------------ delivery
