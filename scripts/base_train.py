@@ -257,9 +257,12 @@ def main(argv=None):
 
         if last_step or (step % args.eval_every == 0 and step > start_step) or step == 0:
             model.eval()
+            t_eval = time.time()
             with make_val_loader(tokenizer, args.device_batch_size, args.max_seq_len, world_size, rank, device,
                                  **loader_kwargs) as val_loader, autocast:
                 val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+            if step == start_step and compile_mode != "none":
+                print0(f"evaluation graph compiled and run in {time.time() - t_eval:.1f}s")
             min_val_bpb = min(min_val_bpb, val_bpb)
             curves["val_steps"].append(step)
             curves["val_bpb"].append(val_bpb)
@@ -326,7 +329,8 @@ def main(argv=None):
         eta = format_duration(avg_dt * (num_iterations - step - 1))
         print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.2f}%) | loss {train_loss:.6f} | "
                f"lrm {lr_mult:.3f} | dt {dt * 1000:.0f}ms | tok/s {tokens_per_second:,.0f} | "
-               f"FLOP/s {flops_per_second:.3e} | mfu {mfu} | eta {eta}")
+               f"FLOP/s {flops_per_second:.3e} | mfu {mfu} | eta {eta}"
+               + (" | includes compiling the training graph" if step == start_step and compile_mode != "none" else ""))
         curves["train_steps"].append(step + 1)
         curves["train_loss"].append(train_loss)
         wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lr_mult, "train/tok_per_sec": tokens_per_second})

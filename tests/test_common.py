@@ -1,5 +1,8 @@
 """nanochat.common: the dtype policy on GPUs with and without native bf16, the MFU peak table, compile modes."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,3 +120,30 @@ def test_ranks_decide_together_and_fail_together():
         assert "chats: rank 1 cannot load what rank 0 loaded" in outcomes[rank]["mismatch"]
         assert "hub is offline" in outcomes[rank]["mismatch"]
         assert outcomes[rank]["first_error"] == "rank 1: disk full"
+
+
+KEEP_PROBE = """
+import sys, torch
+from nanochat.common import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+before = resident()
+del x
+print(applied, before - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
+def test_keep_freed_memory_keeps_large_blocks_for_reuse():
+    """glibc's default returns a freed 64 MiB tensor to the OS (the next step page-faults it in again);
+    after keep_freed_memory it stays in the heap for the next allocation."""
+    def released(mode):
+        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True).stdout
+        applied, released_bytes = out.split()
+        return applied == "True", int(released_bytes)
+    applied, kept_released = released("keep")
+    if not applied:
+        pytest.skip("not glibc: nothing to tune")
+    assert released("default")[1] > 60 * 2**20
+    assert kept_released < 4 * 2**20
