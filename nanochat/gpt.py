@@ -94,9 +94,9 @@ def apply_rotary_emb(x, cos, sin):
 def attention(q, k, v, attn_mask=None, scale=None):
     """
     Scaled dot-product attention, q (B, H, T, D) over k, v (B, H_kv, S, D|Dv) with H a multiple of H_kv.
-    Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With a mask (a KV cache whose rows have different lengths) and
-    H > H_kv, CUDA has no fused kernel that takes both enable_gqa and a mask: the math fallback would build
-    (B, H, T, S) scores. Instead each group of H / H_kv query heads is folded into the query axis,
+    Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With a mask (a KV cache
+    whose rows have different lengths) and H > H_kv, CUDA has no fused kernel that takes both enable_gqa and
+    a mask: the math fallback would build (B, H, T, S) scores. Instead each group of H / H_kv query heads is folded into the query axis,
     (B, H_kv, group*T, D), with the mask repeated to match, and the memory-efficient kernel runs, K/V uncopied.
     """
     B, H, T, D = q.shape
