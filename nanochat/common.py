@@ -72,7 +72,8 @@ def keep_freed_memory():
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, CPU_HEAP_KEEP_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, CPU_HEAP_KEEP_BYTES))
+        mmap_set = libc.mallopt(M_MMAP_THRESHOLD, CPU_HEAP_KEEP_BYTES)
+        return bool(mmap_set and libc.mallopt(M_TRIM_THRESHOLD, CPU_HEAP_KEEP_BYTES))
     except (OSError, AttributeError):  # not Linux/glibc (macOS, musl): nothing to tune
         return False
 

@@ -229,9 +229,10 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
         if step == start_step:
             log_peak_memory(device, plan["peak_memory_gb_per_gpu"] * 1e9)
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
+        compiling = step == start_step and compile_mode != "none"
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"trained tok/s {tokens * world_size / dt:,.0f} | eta {eta / 60:.1f} min"
-               + (f" | {dt:.1f}s, includes compiling the training graph" if step == start_step and compile_mode != "none" else ""))
+               + (f" | {dt:.1f}s, includes compiling the training graph" if compiling else ""))
         wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lrm})
         curve["steps"].append(step + 1)
         curve["loss"].append(train_loss)

@@ -96,8 +96,9 @@ def attention(q, k, v, attn_mask=None, scale=None):
     Scaled dot-product attention, q (B, H, T, D) over k, v (B, H_kv, S, D|Dv) with H a multiple of H_kv.
     Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With a mask (a KV cache
     whose rows have different lengths) and H > H_kv, CUDA has no fused kernel that takes both enable_gqa and
-    a mask: the math fallback would build (B, H, T, S) scores. Instead each group of H / H_kv query heads is folded into the query axis,
-    (B, H_kv, group*T, D), with the mask repeated to match, and the memory-efficient kernel runs, K/V uncopied.
+    a mask: the math fallback would build (B, H, T, S) scores. Instead each group of H / H_kv query heads is
+    folded into the query axis, (B, H_kv, group*T, D), with the mask repeated to match, and the
+    memory-efficient kernel runs, K/V uncopied.
     """
     B, H, T, D = q.shape
     H_kv = k.size(1)
@@ -316,7 +317,8 @@ class GPT(nn.Module):
             attn_mask = None
         else:
             if kv_cache.seq_len > self.rotary_seq_len:
-                raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_seq_len})")
+                raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table "
+                                 f"({self.rotary_seq_len})")
             start, positions = kv_cache.begin_step(T)
             if start is not None:  # every row at the same length: a slice, no gather
                 cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]  # (1, T, 1, rope_dim)
