@@ -155,7 +155,7 @@ class Engine:
         self._check(prompts, 1, max_tokens, temperature, top_k, top_p)
         max_new = self._max_new_tokens(prompts, max_tokens)
         return SpeculativeRun(self.model, self.tokenizer, self.draft, prompts[0], max_new, temperature, top_k, top_p,
-                              seed, speculative_num_tokens, **options)
+                              seed, gamma, **options)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """

@@ -89,7 +89,7 @@ class NgramDrafter:
 
     def propose(self, tokens, gamma):
         self.observe(tokens)
-        tail, drafts = list(tokens[max(0, len(tokens) - (self.max_n - 1)):]) if self.max_n > 1 else [], []
+        tail, drafts = tokens[max(0, len(tokens) - (self.max_n - 1)):], []  # the last max_n − 1 tokens
         for _ in range(gamma):
             token = self._lookup(tail)
             if token is None:
@@ -142,11 +142,15 @@ class ModelDrafter:
         self.cached = min(self.cached, len(tokens) - 1)  # the last token (the target's) was never fed here
 
 
+def _gamma_for_entropy(entropy, vocab_size, gamma_min, gamma_max):
+    return min(max(int((1 - entropy / math.log(vocab_size)) * gamma_max), gamma_min), gamma_max)
+
+
 def entropy_gamma(probs, gamma_min, gamma_max):
     """EGAG: fewer drafts when the distribution is uncertain. H is normalized by log V (0 = certain)."""
     p = probs[probs > 0]
     entropy = float(-(p * p.log()).sum())
-    return int(min(max(int((1 - entropy / math.log(probs.numel())) * gamma_max), gamma_min), gamma_max)), entropy
+    return _gamma_for_entropy(entropy, probs.numel(), gamma_min, gamma_max), entropy
 
 
 def acceptance_gamma(alpha, draft_cost, gamma_min, gamma_max):
@@ -204,8 +208,7 @@ class GammaRule:
         if self.entropy_ema is not None:
             s = self.smoothed_entropy
             self.smoothed_entropy = h if s is None else self.entropy_ema * s + (1 - self.entropy_ema) * h
-            g = int((1 - self.smoothed_entropy / math.log(probs.numel())) * self.gamma_max)
-            g = min(max(g, self.gamma_min), self.gamma_max)
+            g = _gamma_for_entropy(self.smoothed_entropy, probs.numel(), self.gamma_min, self.gamma_max)
         return g
 
     def observe(self, num_drafted, num_accepted):
@@ -214,11 +217,6 @@ class GammaRule:
             observed = num_accepted / num_drafted
             self.alpha = observed if self.alpha is None else 0.7 * self.alpha + 0.3 * observed
             self.gamma = acceptance_gamma(self.alpha, self.draft_cost, self.gamma_min, self.gamma_max)
-
-
-def new_stats():
-    return dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
-                position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
 
 
 class SpeculativeRun:
@@ -248,7 +246,8 @@ class SpeculativeRun:
             self.drafter.gamma_rule = self.gamma_rule.from_entropy
         self.target_cache = KVCache.for_model(model, 1, capacity)
         self.row = RowState(tokenizer) if tool_state is None else tool_state
-        self.stats = new_stats()
+        self.stats = dict(drafted=0, accepted=0, rejected=0, target_forwards=0, emitted=0, acceptance_rate=0.0,
+                          position_acceptance_rate=0.0, tokens_per_target_forward=0.0)
         self._tokens = self._generate(list(prompt))
 
     def __iter__(self):
