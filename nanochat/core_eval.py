@@ -251,12 +251,16 @@ def tokenize_candidates(tokenizer, pairs, max_len=None):
     seqs = []
     for context_ids, ids in zip(encoded[0::2], encoded[1::2]):
         start = min(_common_prefix_len(context_ids, ids), len(ids) - 1)  # an empty continuation scores 1 token
-        if max_len is not None and len(ids) > max_len:
-            cut = len(ids) - max_len
-            ids = ids[:1] + ids[1 + cut:]
-            start = max(1, start - cut)
-        seqs.append((ids, start))
+        seqs.append(crop_left(ids, start, max_len))
     return seqs
+
+
+def crop_left(ids, start, max_len):
+    """(ids, start) with tokens dropped right after BOS until it fits max_len (None: no limit)."""
+    if max_len is None or len(ids) <= max_len:
+        return ids, start
+    cut = len(ids) - max_len
+    return ids[:1] + ids[1 + cut:], max(1, start - cut)
 
 
 # -----------------------------------------------------------------------------
@@ -312,7 +316,7 @@ def example_indices(num_rows, max_examples=None, seed=SUBSET_SEED):
 
 
 def _batches(items, batch_size):
-    """Group (row, seqs) items so a forward holds at most batch_size rows; one example is never split."""
+    """Group (row, seqs, cropped) items so a forward holds at most batch_size rows; one example is never split."""
     batch, num_rows = [], 0
     for item in items:
         if batch and batch_size is not None and num_rows + len(item[1]) > batch_size:
@@ -328,37 +332,41 @@ def _batches(items, batch_size):
 
 
 def _prepared_examples(model, tokenizer, task_meta, rows, indices):
+    """(row, [(ids, start)] cropped to the context, whether any candidate had to be cropped) per example."""
     max_len = model.config.sequence_len
     for idx in indices:
         shots = [rows[j] for j in sample_fewshot(len(rows), idx, task_meta["num_fewshot"])]
-        pairs = render_candidates(task_meta, rows[idx], shots)
-        yield rows[idx], tokenize_candidates(tokenizer, pairs, max_len)
+        seqs = tokenize_candidates(tokenizer, render_candidates(task_meta, rows[idx], shots))
+        cropped = any(len(ids) > max_len for ids, _ in seqs)
+        yield rows[idx], [crop_left(ids, start, max_len) for ids, start in seqs], cropped
 
 
 def evaluate_task(model, tokenizer, task_meta, rows, device, max_examples=None, batch_size=None):
     """
-    Accuracy of the model on one task. Each rank evaluates examples rank::world and the counts are
-    summed over ranks. batch_size: most token rows per forward (None: one example per forward).
+    (accuracy, examples cropped) of the model on one task: an example longer than the model's context loses
+    tokens from the left of its context and is still scored. Each rank evaluates examples rank::world and the
+    counts are summed over ranks. batch_size: most token rows per forward (None: one example per forward).
     """
     task_type = task_meta["icl_task_type"]
     if task_type not in TASK_TYPES:
         raise ValueError(f"icl_task_type must be one of {TASK_TYPES}, got {task_type!r}")
     rank, world_size = _dist_rank_world()
     indices = example_indices(len(rows), max_examples)[rank::world_size]
-    correct = 0
+    correct = cropped = 0
     pad_id = tokenizer.get_bos_token_id()  # pads sit after every real token: their value never matters
     for batch in _batches(_prepared_examples(model, tokenizer, task_meta, rows, indices), batch_size):
-        mean_losses, all_match = score_sequences(model, [s for _, seqs in batch for s in seqs], pad_id, device)
+        mean_losses, all_match = score_sequences(model, [s for _, seqs, _ in batch for s in seqs], pad_id, device)
         offset = 0
-        for row, seqs in batch:
+        for row, seqs, was_cropped in batch:
             n = len(seqs)
             correct += _is_correct(task_type, row, mean_losses[offset:offset + n], all_match[offset:offset + n])
+            cropped += was_cropped
             offset += n
-    counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
+    counts = torch.tensor([correct, cropped, len(indices)], dtype=torch.long, device=device)
     if world_size > 1:
         dist.all_reduce(counts)
-    correct, total = counts.tolist()
-    return correct / total if total else float("nan")
+    correct, cropped, total = counts.tolist()
+    return (correct / total if total else float("nan")), cropped
 
 
 # -----------------------------------------------------------------------------
@@ -373,10 +381,11 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=None, 
     """
     Evaluate every CORE task whose file is present. Returns dict(results={label: accuracy},
     centered={label: centered accuracy}, core=mean centered accuracy (None if nothing ran),
-    skipped=[labels whose data file is missing or empty], partial=bool(skipped), examples={label: n}).
+    skipped=[labels whose data file is missing or empty], partial=bool(skipped), examples={label: n},
+    cropped={label: examples longer than the context, scored on their cropped form}).
     """
     bundle_dir = bundle_dir or get_eval_bundle_dir()
-    results, centered, examples, skipped = {}, {}, {}, []
+    results, centered, examples, cropped, skipped = {}, {}, {}, {}, []
     for task in load_core_tasks(bundle_dir):
         label = task["label"]
         # rank 0 decides (a file missing on one node only would desynchronize the ranks' collectives)
@@ -387,12 +396,13 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=None, 
             continue
         rows = loaded[0][1]
         t0 = time.time()
-        accuracy = evaluate_task(model, tokenizer, task, rows, device, max_per_task, batch_size)
+        accuracy, cropped[label] = evaluate_task(model, tokenizer, task, rows, device, max_per_task, batch_size)
         results[label] = accuracy
         centered[label] = centered_accuracy(accuracy, task["random_baseline"])
         examples[label] = len(example_indices(len(rows), max_per_task))
+        note = f" ({cropped[label]} cropped to the {model.config.sequence_len}-token context)" if cropped[label] else ""
         print0(f"{label}: accuracy {accuracy:.4f} | centered {centered[label]:.4f} | "
-               f"{examples[label]} examples, {task['num_fewshot']}-shot | {time.time() - t0:.1f}s")
+               f"{examples[label]} examples{note}, {task['num_fewshot']}-shot | {time.time() - t0:.1f}s")
     core = sum(centered.values()) / len(centered) if centered else None
     return dict(results=results, centered=centered, core=core, skipped=skipped, partial=bool(skipped),
-                examples=examples)
+                examples=examples, cropped=cropped)

@@ -17,11 +17,13 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     """
     model: a GPT (or its compiled wrapper); batches: iterator of (inputs, targets) (B, T);
     steps: how many batches this rank evaluates (fewer if the iterator ends); token_bytes: (vocab,) int.
-    Sums are all-reduced across ranks when running distributed.
+    Sums are all-reduced across ranks when running distributed. Returns (bits per byte, tokens scored):
+    special tokens and ignored targets (-1) are not scored.
     """
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
     for _, (x, y) in zip(range(steps), batches):
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats, 0 where y == -1
         y = y.view(-1)
@@ -30,9 +32,10 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = num_bytes > 0
         total_nats += (loss * counted).sum().double()
         total_bytes += num_bytes.sum()
+        total_tokens += counted.sum()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+        for total in (total_nats, total_bytes, total_tokens):
+            dist.all_reduce(total)
     if total_bytes.item() == 0:
-        return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+        return float("inf"), 0
+    return total_nats.item() / (math.log(2) * total_bytes.item()), total_tokens.item()

@@ -277,23 +277,61 @@ def _table_value(value):
         return value
 
 
+def _summary_rows(section_values):
+    return [m for m in SUMMARY_METRICS
+            if m not in OPTIONAL_METRICS or any(section_values.get(s, {}).get(m) is not None for _, s in SUMMARY_COLUMNS)]
+
+
 def summary_table(section_values):
     """section_values: {section name: {key: value}} -> the markdown table, '-' where a value is missing."""
-    def value(metric, section):
-        return section_values.get(section, {}).get(metric)
-    rows = [m for m in SUMMARY_METRICS
-            if m not in OPTIONAL_METRICS or any(value(m, s) is not None for _, s in SUMMARY_COLUMNS)]
     lines = ["| Metric | " + " | ".join(label for label, _ in SUMMARY_COLUMNS) + " |",
              "|" + "---|" * (len(SUMMARY_COLUMNS) + 1)]
-    for m in rows:
-        lines.append(f"| {m} | " + " | ".join(_table_value(value(m, s)) for _, s in SUMMARY_COLUMNS) + " |")
+    for m in _summary_rows(section_values):
+        lines.append(f"| {m} | " + " | ".join(_table_value(section_values.get(s, {}).get(m))
+                                              for _, s in SUMMARY_COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _column_metrics(section):
+    """The rows a column can fill: CORE in the base column, the chat metrics in the others."""
+    return [m for m in SUMMARY_METRICS if (m == "CORE") == (section == SUMMARY_COLUMNS[0][1])]
+
+
+def summary_notes(section_values):
+    """
+    Lines under the table: why cells are empty (stage not run, task skipped and the reason's short form,
+    the part before its first ': '), and cells whose accuracy counts problems the model never attempted.
+    """
+    notes = []
+    not_run = [label for label, section in SUMMARY_COLUMNS if section not in section_values]
+    if not_run:
+        notes.append(f"- {', '.join(not_run)}: stage not evaluated")
+    for label, section in SUMMARY_COLUMNS:
+        values = section_values.get(section)
+        if values is None:
+            continue
+        empty = {}
+        for m in _column_metrics(section):
+            if values.get(m) is None and m not in OPTIONAL_METRICS:
+                skipped = values.get(f"skipped {m}")
+                reason = f"skipped, {skipped.split(': ', 1)[0]}" if skipped else "not evaluated"
+                if m == "ChatCORE" and not skipped:
+                    reason = "needs all of ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee in one run"
+                empty.setdefault(reason, []).append(m)
+            not_attempted = values.get(f"{m} not attempted")  # "4 (prompt longer than ...)" or "0"
+            if not_attempted not in (None, "0"):
+                count, _, why = not_attempted.partition(" ")
+                notes.append(f"- {label} {m}: {count} of {values.get(f'{m} problems', '?')} problems not attempted "
+                             f"{why}, counted as wrong")
+        notes += [f"- {label} {', '.join(metrics)}: {reason}" for reason, metrics in empty.items()]
+    return notes
 
 
 def summary_text(section_values, run, now=None):
     """The closing section: table, total wall clock since reset, cost estimate."""
     now = now or time.time()
-    lines = ["## Summary", "", summary_table(section_values), ""]
+    notes = summary_notes(section_values)
+    lines = ["## Summary", "", summary_table(section_values), "", *notes, *([""] if notes else [])]
     start = run.get("start_time")
     if start is None:
         lines.append("- total wall clock time: unknown (run `python -m nanochat.report reset` when a run starts)")
@@ -372,10 +410,13 @@ class Report:
 
     def log_metrics(self, section, metrics):
         """Adds/replaces '- key: value' lines of a section, keeping the keys logged before (for stages that
-        run once per task, like chat_eval -a GSM8K then -a MMLU). The section holds key/values only."""
+        run once per task, like chat_eval -a GSM8K then -a MMLU); a None value removes its key. The section
+        holds key/values only."""
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         values = read_section_values(path) if os.path.isfile(path) else {}
-        values.update((key, format_value(value)) for key, value in metrics.items())
+        values.update((key, format_value(value)) for key, value in metrics.items() if value is not None)
+        for key in [key for key, value in metrics.items() if value is None]:  # None removes a key
+            values.pop(key, None)
         return self.log(section, [values])
 
     def log_curve(self, name, steps, values, ylabel="loss", xlabel="step"):

@@ -59,22 +59,26 @@ def write_csv(out, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "accuracy", "centered", "examples", "status"])
+        writer.writerow(["task", "accuracy", "centered", "examples", "cropped", "status"])
         for label, acc in out["results"].items():
-            writer.writerow([label, f"{acc:.6f}", f"{out['centered'][label]:.6f}", out["examples"][label], "evaluated"])
+            writer.writerow([label, f"{acc:.6f}", f"{out['centered'][label]:.6f}", out["examples"][label],
+                             out["cropped"][label], "evaluated"])
         for label in out["skipped"]:
-            writer.writerow([label, "", "", 0, "skipped (data file missing)"])
+            writer.writerow([label, "", "", 0, 0, "skipped (data file missing)"])
         core = "" if out["core"] is None else f"{out['core']:.6f}"
-        writer.writerow(["CORE", "", core, "", "partial" if out["partial"] else "complete"])
+        writer.writerow(["CORE", "", core, "", "", "partial" if out["partial"] else "complete"])
     os.replace(path + ".tmp", path)
 
 
 def log_report(out, model_tag, step, args, seconds):
     summary = {"model": model_tag, "step": step, "CORE": out["core"] if out["core"] is not None else "n/a",
                "CORE partial": out["partial"], "tasks evaluated": len(out["results"]),
+               "examples": sum(out["examples"].values()),
+               "examples cropped to the context": sum(out["cropped"].values()),
                "max examples per task": args.max_per_task or "all", "eval time (s)": round(seconds, 1)}
-    table = ["| task | accuracy | centered |", "| --- | --- | --- |"]
-    table += [f"| {label} | {acc:.4f} | {out['centered'][label]:.4f} |" for label, acc in out["results"].items()]
+    table = ["| task | accuracy | centered | examples | cropped |", "| --- | --- | --- | --- | --- |"]
+    table += [f"| {label} | {acc:.4f} | {out['centered'][label]:.4f} | {out['examples'][label]} | {out['cropped'][label]} |"
+              for label, acc in out["results"].items()]
     skipped = f"Skipped (data file missing): {', '.join(out['skipped'])}" if out["skipped"] else None
     get_report().log(section="Base model evaluation", data=[summary, "", *table, "", skipped])
 

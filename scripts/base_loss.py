@@ -60,8 +60,11 @@ def main(argv=None):
         else:
             loader = make_val_loader(tokenizer, B, T, world_size, rank, device)
         with loader, autocast:
-            results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
-        print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
+            results[f"{split} bpb"], scored = evaluate_bpb(model, loader, steps, token_bytes)
+        results[f"{split} tokens scored"] = scored
+        # special tokens (BOS) carry no bytes and are not scored; a split that ends early scores fewer
+        print0(f"{split} bpb: {results[f'{split} bpb']:.4f} over {scored:,} scored tokens "
+               f"(of {steps * B * T * world_size:,} requested)")
 
     samples = []
     if rank == 0:
@@ -70,7 +73,7 @@ def main(argv=None):
         for s in samples:
             print0(f"  {s!r}")
     get_report().log(section="Base model loss", data=[
-        {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results},
+        {"model step": meta["step"], "tokens requested per split": steps * B * T * world_size, **results},
         "### Samples", *[f"`{s}`" for s in samples]])
     compute_cleanup()
     return 0

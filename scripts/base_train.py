@@ -260,7 +260,7 @@ def main(argv=None):
             t_eval = time.time()
             with make_val_loader(tokenizer, args.device_batch_size, args.max_seq_len, world_size, rank, device,
                                  **loader_kwargs) as val_loader, autocast:
-                val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+                val_bpb, _ = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             if step == start_step and compile_mode != "none":
                 print0(f"evaluation graph compiled and run in {time.time() - t_eval:.1f}s")
             min_val_bpb = min(min_val_bpb, val_bpb)

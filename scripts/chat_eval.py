@@ -9,6 +9,8 @@ torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft
 Categorical tasks (multiple choice) score by restricting the next-token logits to the answer letters.
 Generative tasks decode many problems at once through Engine.generate_batch (one batch of prompts, each
 with -n samples) and count a problem solved if any sample is correct (pass@n).
+A problem whose prompt does not fit the model's context is not attempted and counts as wrong; each task's
+line says how many, and how many answers were cut at the token budget, with the reasons.
 """
 
 import argparse
@@ -16,6 +18,8 @@ import importlib
 import json
 import sys
 import time
+from collections import Counter
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,15 +65,41 @@ def shard_indices(n, rank, world_size, max_problems):
     return list(range(rank, n, world_size)), n
 
 
+class Record(NamedTuple):
+    """One evaluated problem. Not attempted counts as wrong, so accuracies stay comparable across models."""
+    index: int
+    conversation: dict
+    answer: Any  # the predicted letter (categorical) or the completions (generative)
+    correct: int
+    not_attempted: str | None = None  # why the model never saw the problem
+    cut: str | None = None  # why a sample's answer stopped before the model ended it
+
+
+def too_long(context_len):
+    return f"prompt longer than the {context_len}-token context"
+
+
+def split_by_fit(chunk, conversations, prompts, fits):
+    """([chunk, conversations, prompts] of the prompts that fit, [(index, conversation)] of those that don't)."""
+    keep = [fits(p) for p in prompts]
+    kept = [[x for x, k in zip(xs, keep) if k] for xs in (chunk, conversations, prompts)]
+    return kept, [(i, c) for i, c, k in zip(chunk, conversations, keep) if not k]
+
+
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, batch_size, device):
-    """Returns [(index, conversation, predicted letter, correct)] for this rank's problems."""
-    bos = tokenizer.get_bos_token_id()
+    """Returns [Record] for this rank's problems: the answer is the predicted letter."""
+    bos, context_len = tokenizer.get_bos_token_id(), model.config.sequence_len
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         conversations = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        (chunk, conversations, prompts), dropped = split_by_fit(chunk, conversations, prompts,
+                                                                lambda p: len(p) <= context_len)
+        out += [Record(i, c, None, 0, too_long(context_len)) for i, c in dropped]
+        if not prompts:
+            continue
         longest = max(map(len, prompts))
         ids = torch.tensor([p + [bos] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
@@ -81,33 +111,36 @@ def run_categorical(model, tokenizer, task, indices, batch_size, device):
                 raise ValueError(f"answer letters {letters} are not single tokens for this tokenizer")
             scores = logits[row, [t[0] for t in letter_ids]]  # only the letters compete
             letter = letters[int(scores.argmax())]
-            out.append((chunk[row], conversation, letter, task.evaluate(conversation, letter)))
+            out.append(Record(chunk[row], conversation, letter, task.evaluate(conversation, letter)))
     return out
 
 
 @torch.no_grad()
 def run_generative(engine, task, indices, batch_size, num_samples, max_new_tokens, temperature, top_k, seed):
-    """Returns [(index, conversation, completions, correct)]: correct if any of the samples is (pass@n)."""
-    tokenizer = engine.tokenizer
+    """Returns [Record] for this rank's problems: correct if any of the samples is (pass@n)."""
+    tokenizer, context_len = engine.tokenizer, engine.context_len
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         conversations = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        room = engine.context_len - max(map(len, prompts))
-        if room < 1:  # a prompt longer than the context: that problem counts as unsolved
-            keep = [j for j, p in enumerate(prompts) if len(p) < engine.context_len]
-            out += [(chunk[j], conversations[j], [], 0) for j in range(len(chunk)) if j not in keep]
-            chunk, conversations, prompts = [chunk[j] for j in keep], [conversations[j] for j in keep], [prompts[j] for j in keep]
-            if not prompts:
-                continue
+        (chunk, conversations, prompts), dropped = split_by_fit(chunk, conversations, prompts,
+                                                                lambda p: len(p) < context_len)
+        out += [Record(i, c, [], 0, too_long(context_len)) for i, c in dropped]
+        if not prompts:
+            continue
         results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, seed=seed + start)
+        # every row of the batch gets the budget of its longest prompt (what Engine.generate allows)
+        budget = min(max_new_tokens, context_len - max(map(len, prompts)))
+        cut_reason = (f"cut at -m {max_new_tokens} tokens" if budget == max_new_tokens
+                      else f"cut at the {context_len}-token context")
         for j, (index, conversation, prompt) in enumerate(zip(chunk, conversations, prompts)):
             samples = results[j * num_samples:(j + 1) * num_samples]
             completions = [tokenizer.decode(r[len(prompt):]) for r in samples]
             correct = int(any(task.evaluate(conversation, c) for c in completions))
-            out.append((index, conversation, completions, correct))
+            cut = cut_reason if any(len(r) - len(prompt) >= budget for r in samples) else None
+            out.append(Record(index, conversation, completions, correct, cut=cut))
     return out
 
 
@@ -116,7 +149,7 @@ def gather(records):
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, records)
         records = [r for part in everyone for r in part]
-    return sorted(records, key=lambda r: r[0])
+    return sorted(records, key=lambda r: r.index)
 
 
 def parse_args(argv=None):
@@ -154,18 +187,58 @@ def parse_args(argv=None):
 
 
 def log_samples(path, task, task_name, records):
-    """One JSON line per problem: prompt, reference, completion(s), extracted answer(s), verdict."""
+    """One JSON line per problem: prompt, reference, completion(s), extracted answer(s), verdict, and why it
+    was not attempted or its answer was cut (null when neither)."""
     extract = getattr(importlib.import_module(type(task).__module__), "extract_answer", None)
     with open(path, "a", encoding="utf-8") as f:
-        for index, conversation, answer, correct in records:
-            row = {"task": task_name, "index": index, "prompt": conversation["messages"][:-1],
-                   "reference": conversation["messages"][-1]["content"], "correct": bool(correct)}
+        for r in records:
+            row = {"task": task_name, "index": r.index, "prompt": r.conversation["messages"][:-1],
+                   "reference": r.conversation["messages"][-1]["content"], "correct": bool(r.correct),
+                   "not_attempted": r.not_attempted, "cut": r.cut}
             if task.eval_type == "categorical":
-                row["predicted"] = answer
+                row["predicted"] = r.answer
             else:
-                row["completions"] = answer
-                row["extracted"] = [extract(c) for c in answer] if extract else None
+                row["completions"] = r.answer
+                row["extracted"] = [extract(c) for c in r.answer] if extract else None
             f.write(json.dumps(row, default=str) + "\n")
+
+
+def counted(records, field):
+    """[(reason, count)] of a Record field over the records, most common first."""
+    return Counter(getattr(r, field) for r in records if getattr(r, field)).most_common()
+
+
+def result_line(name, records):
+    """'AIME: 0.0000 (0/6; 6 not attempted: prompt longer than the 128-token context)'."""
+    correct = sum(r.correct for r in records)
+    details = [f"{n} not attempted: {why}" for why, n in counted(records, "not_attempted")]
+    details += [f"{n} answers {why}" for why, n in counted(records, "cut")]
+    accuracy = correct / max(len(records), 1)
+    return f"{name}: {accuracy:.4f} ({correct}/{len(records)}{''.join('; ' + d for d in details)})"
+
+
+def hints(name, records):
+    """What would let most problems be attempted, or most answers finish."""
+    out, half = [], len(records) / 2
+    if sum(1 for r in records if r.not_attempted) > half:
+        out.append(f"hint: most {name} prompts do not fit the model's context; a model trained with a longer "
+                   f"--max-seq-len can be evaluated on them")
+    for why, n in counted(records, "cut"):
+        if n > half:
+            fix = "raise -m (--max-new-tokens)" if "-m" in why else "the context ends first: train with a longer --max-seq-len"
+            out.append(f"hint: most {name} answers were {why}; {fix}")
+    return out
+
+
+def report_counts(name, records):
+    """Report keys: how many problems, how many not attempted and cut, and why (logged even when 0, so a
+    re-run replaces the counts of an earlier one)."""
+    def with_reasons(field):
+        pairs = counted(records, field)
+        n = sum(count for _, count in pairs)
+        return f"{n} ({'; '.join(why for why, _ in pairs)})" if n else 0
+    return {f"{name} problems": len(records), f"{name} not attempted": with_reasons("not_attempted"),
+            f"{name} answers cut": with_reasons("cut")}
 
 
 def evaluate_task(name, task, model, tokenizer, engine, args, device, rank, world_size):
@@ -177,11 +250,12 @@ def evaluate_task(name, task, model, tokenizer, engine, args, device, rank, worl
         records = run_generative(engine, task, indices, args.batch_size, args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, args.seed)
     records = gather(records)
-    accuracy = sum(r[3] for r in records) / max(len(records), 1)
-    print0(f"{name}: {accuracy:.4f} ({sum(r[3] for r in records)}/{len(records)}) in {time.time() - t0:.1f}s")
+    print0(f"{result_line(name, records)} in {time.time() - t0:.1f}s")
+    for line in hints(name, records):
+        print0(line)
     if args.log_samples and rank == 0:
         log_samples(args.log_samples, task, name, records)
-    return accuracy, records
+    return sum(r.correct for r in records) / max(len(records), 1), records
 
 
 def main(argv=None):
@@ -201,7 +275,7 @@ def main(argv=None):
     if args.log_samples and rank == 0:
         open(args.log_samples, "w").close()
 
-    results, skipped = {}, {}
+    results, counts, skipped = {}, {}, {}
     for name in args.tasks:
         try:  # rank 0 decides: a dataset it lacks skips the task everywhere, with the reason
             loaded, not_loaded = load_on_all_ranks([(name, lambda: load_task(name))])
@@ -216,12 +290,13 @@ def main(argv=None):
         with autocast:
             accuracy, records = evaluate_task(name, loaded[0][1], model, tokenizer, engine, args, device, rank, world_size)
         results[name] = accuracy
+        counts.update(report_counts(name, records), **{f"skipped {name}": None})  # None: drop an old skip
         if name == "AIME":  # per-year accuracy from the same run
             for year in (2024, 2025):
-                year_records = [r for r in records if r[1].get("year") == year]
+                year_records = [r for r in records if r.conversation.get("year") == year]
                 if year_records:
-                    results[f"AIME-{year}"] = sum(r[3] for r in year_records) / len(year_records)
-                    print0(f"  AIME-{year}: {results[f'AIME-{year}']:.4f} ({sum(r[3] for r in year_records)}/{len(year_records)})")
+                    results[f"AIME-{year}"] = sum(r.correct for r in year_records) / len(year_records)
+                    print0(f"  {result_line(f'AIME-{year}', year_records)}")
 
     if all(name in results for name in BASELINES):
         results["ChatCORE"] = sum((results[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES)
@@ -230,7 +305,8 @@ def main(argv=None):
                 "temperature": args.temperature, "max problems": args.max_problems}
     # merged into the section, so evaluating tasks in separate runs accumulates them in the report
     get_report().log_metrics(chat_eval_section(args.source),
-                             {**settings, **results, **{f"skipped {k}": v.splitlines()[0] for k, v in skipped.items()}})
+                             {**settings, **results, **counts,
+                              **{f"skipped {k}": v.splitlines()[0] for k, v in skipped.items()}})
     compute_cleanup()
     return 0
 

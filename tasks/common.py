@@ -239,8 +239,11 @@ def load_hub_dataset(path, name=None, split=None, local_file=None):
     except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         local = (f"$NANOCHAT_DATA_DIR/{local_file}" if local_file
                  else "a local copy under NANOCHAT_DATA_DIR (the file each task reads is named in tasks/)")
+        # the part before the first ': ' is the short reason the report's summary shows
+        offline = isinstance(e, ConnectionError) or os.environ.get("HF_HUB_OFFLINE")
+        short = "no data offline; set NANOCHAT_DATA_DIR" if offline else "no data; set NANOCHAT_DATA_DIR"
         raise DatasetUnavailable(
-            f"could not load {what} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"{short}: could not load {what} from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"Fix: connect to the internet so `datasets` can download it, or set NANOCHAT_DATA_DIR to a local "
             f"mirror that contains {local} (NANOCHAT_DATA_DIR is currently "
             f"{os.environ.get('NANOCHAT_DATA_DIR') or 'unset'})."

@@ -82,9 +82,9 @@ def test_tok_train_base_train_base_loss_and_exact_resume(prepared, tmp_path, iso
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
 
     out = run(["scripts.base_loss", "--device-batch-size", "4", "--split-tokens", "1024", "--max-sample-tokens", "8"], env)
-    assert "train bpb:" in out and "val bpb:" in out
+    assert "train bpb:" in out and "val bpb:" in out and "scored tokens (of 1,024 requested)" in out
     report = (isolated_base_dir / "report" / "base-model-loss.md").read_text()
-    assert "val bpb" in report
+    assert "val bpb" in report and "- val tokens scored: " in report
 
 
 def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, isolated_base_dir):

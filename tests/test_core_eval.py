@@ -188,11 +188,11 @@ def test_stub_model_choice_is_scored_per_task_type(tokenizer, task_type):
                 {"context": "The capital of France is", "continuation": "Paris"}]
         others = ["A striped animal is a The pet is a cat The capital of France is Paris"]
     stub = zebra_stub(tokenizer, others)
-    accuracy = evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu")
-    assert accuracy == pytest.approx(2 / 3 if task_type != "language_modeling" else 1 / 3)
+    accuracy, cropped = evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu")
+    assert accuracy == pytest.approx(2 / 3 if task_type != "language_modeling" else 1 / 3) and cropped == 0
     # batching several examples into one forward changes nothing
-    assert evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu", batch_size=16) == accuracy
-    assert evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu", max_examples=1) in (0.0, 1.0)
+    assert evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu", batch_size=16) == (accuracy, 0)
+    assert evaluate_task(stub, tokenizer, meta(task_type), rows, "cpu", max_examples=1)[0] in (0.0, 1.0)
 
 
 def test_score_sequences_matches_the_model_loss_and_ignores_padding(tokenizer):
@@ -221,17 +221,21 @@ def test_each_rank_takes_every_world_size_th_example_and_counts_are_summed(token
         monkeypatch.setattr(core_eval, "_dist_rank_world", lambda: (rank, 2))
         evaluate_task(tiny_gpt(tokenizer), tokenizer, meta("language_modeling"), LM_ROWS, "cpu")
     assert seen[0] == [r["context"] for r in LM_ROWS[0::2]] and seen[1] == [r["context"] for r in LM_ROWS[1::2]]
-    assert [total for _, total in reduced] == [3, 2]  # (correct, total) of each rank goes to the all-reduce
+    assert [total for _, _, total in reduced] == [3, 2]  # (correct, cropped, total) of each rank are all-reduced
 
 
 def test_evaluate_task_real_model_all_task_types_and_batching_agree(tokenizer):
     model = tiny_gpt(tokenizer, sequence_len=32)  # short: the 1-2 shot prompts get truncated from the left
     cases = [("multiple_choice", MC_ROWS, 1), ("schema", SCHEMA_ROWS, 0), ("language_modeling", LM_ROWS, 2)]
+    total_cropped = 0
     for task_type, rows, shots in cases:
         task = meta(task_type, shots)
-        accuracy = evaluate_task(model, tokenizer, task, rows, "cpu")
-        assert 0.0 <= accuracy <= 1.0
-        assert evaluate_task(model, tokenizer, task, rows, "cpu", batch_size=5) == accuracy
+        accuracy, cropped = evaluate_task(model, tokenizer, task, rows, "cpu")
+        assert 0.0 <= accuracy <= 1.0 and 0 <= cropped <= len(rows)
+        assert evaluate_task(model, tokenizer, task, rows, "cpu", batch_size=5) == (accuracy, cropped)
+        assert evaluate_task(tiny_gpt(tokenizer, sequence_len=1024), tokenizer, task, rows, "cpu")[1] == 0
+        total_cropped += cropped
+    assert total_cropped > 0  # the 32-token context crops some few-shot prompts: counted
 
 
 # -----------------------------------------------------------------------------
@@ -269,6 +273,7 @@ def test_evaluate_core_skips_missing_files_and_marks_partial(tokenizer, tmp_path
     assert list(out["results"]) == ["tiny_mc", "tiny_schema", "tiny_lm"]
     assert out["skipped"] == ["tiny_missing"] and out["partial"] is True
     assert out["examples"] == {"tiny_mc": 3, "tiny_schema": 3, "tiny_lm": 3}
+    assert set(out["cropped"]) == set(out["examples"])
     assert out["core"] == pytest.approx(sum(out["centered"].values()) / 3)
 
 
@@ -276,7 +281,7 @@ def test_centered_metric_arithmetic(tmp_path, monkeypatch):
     assert centered_accuracy(0.25, 0.25) == 0.0 and centered_accuracy(1.0, 0.25) == 1.0
     assert centered_accuracy(0.5, 0.62) == pytest.approx(-0.12 / 0.38)
     accuracies = {"tiny_mc": 0.75, "tiny_schema": 0.5, "tiny_lm": 0.2}
-    monkeypatch.setattr(core_eval, "evaluate_task", lambda model, tok, task, *a, **k: accuracies[task["label"]])
+    monkeypatch.setattr(core_eval, "evaluate_task", lambda model, tok, task, *a, **k: (accuracies[task["label"]], 0))
     out = evaluate_core(None, None, "cpu", bundle_dir=write_bundle(tmp_path / "bundle"))
     assert out["results"] == accuracies
     assert out["centered"] == pytest.approx({"tiny_mc": 0.5, "tiny_schema": 0.0, "tiny_lm": 0.2})
@@ -371,10 +376,13 @@ def test_base_eval_script_end_to_end(tiny_checkpoint, tmp_path):
         assert text in output, text
     csv_path = tiny_checkpoint / "base_eval" / "d1_000005.csv"
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "task,accuracy,centered,examples,status" and lines[-1].startswith("CORE,,")
+    assert lines[0] == "task,accuracy,centered,examples,cropped,status" and lines[-1].startswith("CORE,,")
     assert lines[-1].endswith(",partial") and any(line.startswith("tiny_missing,") for line in lines)
     report = (tiny_checkpoint / "report" / "base-model-evaluation.md").read_text()
     assert "## Base model evaluation" in report and "- CORE partial: True" in report and "| tiny_lm |" in report
+    # the few-shot multiple-choice prompts do not fit the 64-token context: scored cropped, and counted
+    assert "- examples: 12" in report and "- examples cropped to the context: 4" in report
+    assert "4 examples (4 cropped to the 64-token context)" in output
 
 
 def test_base_eval_missing_checkpoint_is_a_clear_error(isolated_base_dir, capsys):
