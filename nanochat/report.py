@@ -278,8 +278,9 @@ def _table_value(value):
 
 
 def _summary_rows(section_values):
-    return [m for m in SUMMARY_METRICS
-            if m not in OPTIONAL_METRICS or any(section_values.get(s, {}).get(m) is not None for _, s in SUMMARY_COLUMNS)]
+    def logged(m):
+        return any(section_values.get(s, {}).get(m) is not None for _, s in SUMMARY_COLUMNS)
+    return [m for m in SUMMARY_METRICS if m not in OPTIONAL_METRICS or logged(m)]
 
 
 def summary_table(section_values):

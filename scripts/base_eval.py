@@ -77,8 +77,8 @@ def log_report(out, model_tag, step, args, seconds):
                "examples cropped to the context": sum(out["cropped"].values()),
                "max examples per task": args.max_per_task or "all", "eval time (s)": round(seconds, 1)}
     table = ["| task | accuracy | centered | examples | cropped |", "| --- | --- | --- | --- | --- |"]
-    table += [f"| {label} | {acc:.4f} | {out['centered'][label]:.4f} | {out['examples'][label]} | {out['cropped'][label]} |"
-              for label, acc in out["results"].items()]
+    table += [f"| {label} | {acc:.4f} | {out['centered'][label]:.4f} | {out['examples'][label]} | "
+              f"{out['cropped'][label]} |" for label, acc in out["results"].items()]
     skipped = f"Skipped (data file missing): {', '.join(out['skipped'])}" if out["skipped"] else None
     get_report().log(section="Base model evaluation", data=[summary, "", *table, "", skipped])
 

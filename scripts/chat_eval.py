@@ -225,7 +225,8 @@ def hints(name, records):
                    f"--max-seq-len can be evaluated on them")
     for why, n in counted(records, "cut"):
         if n > half:
-            fix = "raise -m (--max-new-tokens)" if "-m" in why else "the context ends first: train with a longer --max-seq-len"
+            fix = ("raise -m (--max-new-tokens)" if "-m" in why
+                   else "the context ends first: train with a longer --max-seq-len")
             out.append(f"hint: most {name} answers were {why}; {fix}")
     return out
 
