@@ -18,12 +18,12 @@ from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, validate_vocab_size
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the pretraining shards")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters per document")
     parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, special tokens included")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         validate_vocab_size(args.vocab_size)
     except ValueError as e:
@@ -59,8 +59,8 @@ def first_batch_or_exit(batches):
         sys.exit(1)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     print(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
 
     batches = parquets_iter_batched(split="train")
@@ -91,7 +91,8 @@ def main():
          "token_bytes_min": int(regular.min()), "token_bytes_max": int(regular.max()),
          "token_bytes_mean": regular.mean().item()},
     ])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -54,13 +54,12 @@ def env(isolated_base_dir, monkeypatch):
 
 
 @pytest.fixture
-def prepared(env, tmp_path):
+def prepared(env, tmp_path, run_main):
     """A tokenizer and shards, ready for base_train."""
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus)
-    run(["nanochat.dataset", "--local", str(corpus), "--doc-chars", "400", "--row-group-docs", "32"], env)
-    out = run(["scripts.tok_train", "--vocab-size", "512", "--max-chars", "1000000"], env)
-    assert "saved tokenizer" in out
+    run_main("nanochat.dataset", ["--local", str(corpus), "--doc-chars", "400", "--row-group-docs", "32"])
+    assert "saved tokenizer" in run_main("scripts.tok_train", ["--vocab-size", "512", "--max-chars", "1000000"])
     return env
 
 
@@ -109,29 +108,26 @@ def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, is
     # (restoring them on every rank: tests/test_checkpoint_manager.py; an exact resume under torchrun: dev/gpu_check.sh)
 
 
-def test_clear_errors(env, tmp_path, isolated_base_dir):
-    out = run(["scripts.base_train", *TRAIN], env, expect=1)
-    assert "tok_train" in out and "Traceback" not in out  # no tokenizer yet
-    out = run(["scripts.base_train", *TRAIN, "--attention", "flash"], env, expect=2)
-    assert "invalid choice: 'flash'" in out
-    out = run(["scripts.base_train", *TRAIN, "--device-batch-size", "0"], env, expect=2)
+def test_clear_errors(env, run_main):
+    out = run_main("scripts.base_train", TRAIN, expect=1)
+    assert "tok_train" in out  # no tokenizer yet
+    assert "invalid choice: 'flash'" in run_main("scripts.base_train", [*TRAIN, "--attention", "flash"], expect=2)
+    out = run_main("scripts.base_train", [*TRAIN, "--device-batch-size", "0"], expect=2)
     assert "--device-batch-size must be >= 1" in out
-    out = run(["scripts.base_loss"], env, expect=1)
-    assert "base_train" in out and "Traceback" not in out
+    assert "base_train" in run_main("scripts.base_loss", [], expect=1)
 
 
-def test_missing_data_and_corrupt_checkpoint(prepared, tmp_path, isolated_base_dir):
-    env = prepared
-    out = run(["scripts.base_train", *TRAIN, "--total-batch-size", "1000"], env, expect=1)
+def test_missing_data_and_corrupt_checkpoint(prepared, run_main, isolated_base_dir):
+    out = run_main("scripts.base_train", [*TRAIN, "--total-batch-size", "1000"], expect=1)
     assert "must be a multiple of" in out
-    run(["scripts.base_train", *TRAIN, "--num-iterations", "6"], env)
+    run_main("scripts.base_train", [*TRAIN, "--num-iterations", "6"])
     model_file = isolated_base_dir / "base_checkpoints" / "d2" / "model_000006.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    out = run(["scripts.base_train", *TRAIN, "--resume-from-step", "6"], env, expect=1)
-    assert "model_000006.pt" in out and "truncated" in out and "Traceback" not in out
-    out = run(["scripts.base_train", *TRAIN, "--resume-from-step", "3"], env, expect=1)
+    out = run_main("scripts.base_train", [*TRAIN, "--resume-from-step", "6"], expect=1)
+    assert "model_000006.pt" in out and "truncated" in out
+    out = run_main("scripts.base_train", [*TRAIN, "--resume-from-step", "3"], expect=1)
     assert "meta_000003.json is missing" in out
     for shard in (isolated_base_dir / "base_data").glob("*.parquet"):
         shard.unlink()
-    out = run(["scripts.base_train", *TRAIN], env, expect=1)
-    assert "nanochat.dataset" in out and "Traceback" not in out
+    out = run_main("scripts.base_train", TRAIN, expect=1)
+    assert "nanochat.dataset" in out

@@ -1,9 +1,5 @@
 """scripts/chat_cli.py against tiny checkpoints the test writes."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -26,39 +22,39 @@ def checkpoints(isolated_base_dir):
         model.init_weights()
         save_checkpoint(str(isolated_base_dir / source_dir / tag), 5, model.state_dict(), None,
                         dict(model_config=model.config_dict()))
-    return dict(os.environ, NANOCHAT_BASE_DIR=str(isolated_base_dir))
+    return isolated_base_dir
 
 
-def chat(env, *args, stdin=None, expect=0):
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args], env=env, input=stdin,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == expect, result.stdout + result.stderr
-    return result.stdout + result.stderr
+@pytest.fixture
+def chat(checkpoints, run_main):
+    def run(*args, stdin="", expect=0):
+        return run_main("scripts.chat_cli", args, expect=expect, stdin=stdin)
+    return run
 
 
-def test_one_shot_prompts(checkpoints):
-    out = chat(checkpoints, "-i", "base", "-p", "the quick brown", "-t", "0", "-m", "8")
+def test_one_shot_prompts(chat):
+    out = chat("-i", "base", "-p", "the quick brown", "-t", "0", "-m", "8")
     assert "Traceback" not in out
-    out = chat(checkpoints, "-i", "sft", "-g", "d2", "-p", "hello", "-t", "0.8", "-k", "20", "--top-p", "0.9", "-m", "8")
+    out = chat("-i", "sft", "-g", "d2", "-p", "hello", "-t", "0.8", "-k", "20", "--top-p", "0.9", "-m", "8")
     assert "Assistant:" in out
-    out = chat(checkpoints, "-i", "sft", "-g", "d2", "-p", "hello", "-t", "0", "-m", "12",
+    out = chat("-i", "sft", "-g", "d2", "-p", "hello", "-t", "0", "-m", "12",
                "--speculative-proposals", "3", "--draft-model-tag", "d1")
     assert "[speculative:" in out and "drafts accepted" in out
-    out = chat(checkpoints, "-i", "sft", "-g", "d2", "-p", "hello hello hello", "-t", "0", "-m", "12",
+    out = chat("-i", "sft", "-g", "d2", "-p", "hello hello hello", "-t", "0", "-m", "12",
                "--speculative-proposals", "3", "--draft-model-tag", "ngram")
     assert "[speculative:" in out
 
 
-def test_interactive_session(checkpoints):
-    out = chat(checkpoints, "-i", "sft", "-g", "d2", "-t", "0", "-m", "6", stdin="hi there\nclear\nhow are you\nquit\n")
+def test_interactive_session(chat):
+    out = chat("-i", "sft", "-g", "d2", "-t", "0", "-m", "6", stdin="hi there\nclear\nhow are you\nquit\n")
     assert out.count("Assistant:") == 2 and "(conversation cleared)" in out
 
 
-def test_errors(checkpoints, isolated_base_dir):
-    assert "temperature must be >= 0" in chat(checkpoints, "-t", "-1", expect=2)
-    assert "top_p must be in (0, 1]" in chat(checkpoints, "--top-p", "0", expect=2)
-    assert "--draft-model-tag" in chat(checkpoints, "--speculative-proposals", "2", expect=2)
-    out = chat(checkpoints, "-i", "rl", "-p", "hi", expect=1)
+def test_errors(chat, isolated_base_dir):
+    assert "temperature must be >= 0" in chat("-t", "-1", expect=2)
+    assert "top_p must be in (0, 1]" in chat("--top-p", "0", expect=2)
+    assert "--draft-model-tag" in chat("--speculative-proposals", "2", expect=2)
+    out = chat("-i", "rl", "-p", "hi", expect=1)
     assert "no checkpoints directory" in out and "Traceback" not in out
-    out = chat(checkpoints, "-i", "sft", "-g", "d2", "-p", "hello " * 200, expect=1)
+    out = chat("-i", "sft", "-g", "d2", "-p", "hello " * 200, expect=1)
     assert "context is 128" in out

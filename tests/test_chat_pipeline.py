@@ -112,14 +112,14 @@ def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
     assert os.path.exists(isolated_base_dir / "chatrl_checkpoints" / "d2" / "model_000002.pt")
 
 
-def test_chat_stage_errors(env, isolated_base_dir):
-    out = run(["scripts.chat_sft", "--examples-per-step", "3", "--device-batch-size", "2"], env, expect=1)
-    assert "mid_checkpoints" in out and "Traceback" not in out  # no midtrained model yet
-    out = run(["scripts.chat_sft", "--source", "base", "--examples-per-step", "3", "--device-batch-size", "2"], env, expect=1)
-    assert "multiple of" in out and "Traceback" not in out
-    out = run(["scripts.chat_eval", "-i", "rl"], env, expect=1)
-    assert "no checkpoints directory" in out and "Traceback" not in out
-    out = run(["scripts.chat_eval", "-a", "Jeopardy"], env, expect=2)
-    assert "unknown task" in out
-    out = run(["scripts.chat_sft", "--custom-json", "/nonexistent.jsonl"], env, expect=2)
-    assert "not found" in out
+def test_chat_stage_errors(env, run_main, monkeypatch):
+    for name in ("NANOCHAT_DATA_DIR", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, env[name])
+    out = run_main("scripts.chat_sft", ["--examples-per-step", "3", "--device-batch-size", "2"], expect=1)
+    assert "mid_checkpoints" in out  # no midtrained model yet
+    out = run_main("scripts.chat_sft", ["--source", "base", "--examples-per-step", "3", "--device-batch-size", "2"],
+                   expect=1)
+    assert "multiple of" in out
+    assert "no checkpoints directory" in run_main("scripts.chat_eval", ["-i", "rl"], expect=1)
+    assert "unknown task" in run_main("scripts.chat_eval", ["-a", "Jeopardy"], expect=2)
+    assert "not found" in run_main("scripts.chat_sft", ["--custom-json", "/nonexistent.jsonl"], expect=2)

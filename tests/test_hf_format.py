@@ -14,7 +14,7 @@ from nanochat.checkpoint_manager import SOURCES, build_model, find_checkpoint, s
 from nanochat.common import get_base_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.hf_format import HFFormatError, export_dir, import_dir, tokenizer_from_hf, tokenizer_to_hf
+from nanochat.hf_format import export_dir, import_dir, tokenizer_from_hf, tokenizer_to_hf
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_tokenizer
 from scripts import export_hf, import_hf
 
