@@ -44,25 +44,18 @@ def write_config(tmp_path, url, **overrides):
     return path
 
 
-def workflow(config_path, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "safety_data_workflow", *args, "--config", str(config_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def keys_of(path, key):
     return [record[key] for record in read_jsonl(path)] if os.path.exists(path) else []
 
 
 @pytest.mark.slow
-def test_every_stage_with_injected_faults(tmp_path):
+def test_every_stage_with_injected_faults(tmp_path, capfd):
     fake = FakeLLM(rate_limit_every=7, error_every=11, slow_every=17, malformed_every=5, slow_seconds=1.0)
     with ThreadedServer(fake.app()) as url:
         config = write_config(tmp_path, url, malformed_retries=4)  # random faults rarely exhaust 5 attempts
-        result = workflow(config, "all")
+        assert run_main(config, "all") is None
         stats = httpx.get(url + "/stats").json()
+    output = capfd.readouterr()  # file-descriptor level: the log handlers' output too
     run = tmp_path / "run"
     assert stats["openai"] > 0 and stats["anthropic"] > 0
     assert min(stats["rate_limited"], stats["server_error"], stats["slow"], stats["malformed"]) > 0
@@ -92,7 +85,7 @@ def test_every_stage_with_injected_faults(tmp_path):
     for path in [*run.rglob("*"), tmp_path / "final.jsonl"]:  # the key appears in no output or log
         if path.is_file() and path.suffix in (".jsonl", ".md", ".json") and path.name != "workflow.json":
             assert SECRET not in path.read_text()
-    assert SECRET not in result.stdout + result.stderr
+    assert SECRET not in output.out + output.err and "answers" in output.out + output.err
 
 
 @pytest.mark.slow
@@ -101,7 +94,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     reference_dir.mkdir()
     killed_dir.mkdir()
     with ThreadedServer(FakeLLM(latency=0.01).app()) as url:
-        workflow(write_config(reference_dir, url, seed_limit=4), "all")
+        assert run_main(write_config(reference_dir, url, seed_limit=4), "all") is None
         config = write_config(killed_dir, url, seed_limit=4)
         process = subprocess.Popen([sys.executable, "-m", "safety_data_workflow", "all", "--config", str(config)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,7 +106,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
         process.wait()
         before = {name: keys_of(killed_dir / "run" / name, key) for name, key in STAGE_KEYS.items()}
         assert 10 <= len(before["answers.jsonl"]) < len(keys_of(reference_dir / "run" / "answers.jsonl", "id"))
-        workflow(config, "all")
+        assert run_main(config, "all") is None
     for name, key in STAGE_KEYS.items():
         after = keys_of(killed_dir / "run" / name, key)
         assert len(after) == len(set(after)), f"{name} has duplicates"
@@ -216,12 +209,12 @@ def test_shipped_dataset_meets_the_bar():
 
 
 @pytest.mark.slow
-def test_report_on_the_shipped_data(tmp_path):
+def test_report_on_the_shipped_data(tmp_path, capfd):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"out_dir": str(tmp_path / "run")}))
-    result = workflow(config, "report", "--report-input", SHIPPED)
+    assert run_main(config, "report", "--report-input", SHIPPED) is None
     report = (tmp_path / "run" / "report" / "report.md").read_text()
-    assert "## Coverage" in report and "Empty cells: none" in report and "report.md" in result.stdout
+    assert "## Coverage" in report and "Empty cells: none" in report and "report.md" in capfd.readouterr().out
     for png in ("coverage.png", "lengths.png"):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
 
@@ -240,7 +233,7 @@ def test_nanochat_server_as_the_blue_team(tmp_path):
         path = tmp_path / "nanochat.json"
         path.write_text(json.dumps(config))
         for stage in ("seeds", "redteam", "optimize", "answers"):
-            workflow(path, stage)
+            assert run_main(path, stage) is None
         log = nanochat.log()
     answers = read_jsonl(tmp_path / "run" / "answers.jsonl")
     assert len(answers) == len(read_jsonl(tmp_path / "run" / "questions.jsonl")) > 0
