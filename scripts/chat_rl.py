@@ -110,7 +110,7 @@ def policy_gradient_loss(model, sequences, masks, advantages, prompt_lens, batch
         nll = model(ids.to(device), targets.to(device), loss_reduction="none").view(len(chunk), longest)
         loss = (nll * weights.to(device)).sum() / max(num_tokens, 1)  # nll = -log p: minimizing raises p where adv > 0
         loss.backward()
-        total += float(loss)
+        total += loss.item()
     return total
 
 

@@ -75,7 +75,7 @@ def assert_no_recompilation_after_first_step(out):
     assert "Recompiling" not in after, after[:3000]
 
 
-def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
+def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path, run_main, monkeypatch):
     small = ["--max-seq-len", "128", "--device-batch-size", "2", "--examples-per-step", "4", "--num-iterations", "3",
              "--eval-every", "2", "--eval-batches", "1"]
     # compiled (with the eager backend: dynamo's guards and recompilations, without C++ compile minutes)
@@ -89,13 +89,16 @@ def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
     assert_no_recompilation_after_first_step(out)
     assert os.path.exists(isolated_base_dir / "chatsft_checkpoints" / "d2" / "meta_000003.json")
 
+    # the rest in this process (no interpreter start and torch import per stage)
+    for name in ("NANOCHAT_DATA_DIR", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, env[name])
     # resume continues from the saved step
-    run(["scripts.chat_sft", *small, "--num-iterations", "4", "--resume-from-step", "3"], env)
+    run_main("scripts.chat_sft", [*small, "--num-iterations", "4", "--resume-from-step", "3"])
     assert os.path.exists(isolated_base_dir / "chatsft_checkpoints" / "d2" / "model_000004.pt")
 
     samples = tmp_path / "samples.jsonl"
-    out = run(["scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy|GSM8K|AIME", "-x", "4", "-b", "3", "-m", "16",
-               "--log-samples", str(samples)], env)
+    out = run_main("scripts.chat_eval", ["-i", "sft", "-a", "ARC-Easy|GSM8K|AIME", "-x", "4", "-b", "3", "-m", "16",
+                                         "--log-samples", str(samples)])
     assert "ARC-Easy:" in out and "GSM8K:" in out and "AIME-2024:" in out and "AIME-2025:" in out
     logged = [json.loads(line) for line in samples.read_text().splitlines()]
     assert {r["task"] for r in logged} == {"ARC-Easy", "GSM8K", "AIME"}
@@ -103,11 +106,12 @@ def test_mid_sft_eval_rl(env, isolated_base_dir, tmp_path):
     report = (isolated_base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert "ARC-Easy" in report and "AIME" in report
 
-    out = run(["scripts.chat_eval", "-i", "sft", "-a", "MMLU", "-x", "2"], env)
+    out = run_main("scripts.chat_eval", ["-i", "sft", "-a", "MMLU", "-x", "2"])
     assert "MMLU: skipped" in out  # not in the mirror and the hub is offline: skipped with the reason
 
-    out = run(["scripts.chat_rl", "--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
-               "--num-iterations", "2", "--eval-every", "2", "--eval-examples", "2", "--pass-k", "2"], env)
+    out = run_main("scripts.chat_rl", ["--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
+                                       "--num-iterations", "2", "--eval-every", "2", "--eval-examples", "2",
+                                       "--pass-k", "2"])
     assert "mean reward" in out and "pass@2" in out
     assert os.path.exists(isolated_base_dir / "chatrl_checkpoints" / "d2" / "model_000002.pt")
 
