@@ -63,9 +63,8 @@ def prepared(env, tmp_path, run_main):
     return env
 
 
-def test_tok_train_base_train_base_loss_and_exact_resume(prepared, tmp_path, isolated_base_dir):
-    env = prepared
-    out = run(["scripts.base_train", *TRAIN, "--loss-log", str(tmp_path / "full.jsonl")], env)
+def test_tok_train_base_train_base_loss_and_exact_resume(prepared, tmp_path, isolated_base_dir, run_main):
+    out = run_main("scripts.base_train", [*TRAIN, "--loss-log", str(tmp_path / "full.jsonl")])
     assert "val bpb" in out and "sample:" in out and "eta" in out and "tok/s" in out
     checkpoint_dir = isolated_base_dir / "base_checkpoints" / "d2"
     assert {"model_000006.pt", "model_000012.pt", "meta_000012.json", "optim_000006_rank0.pt"} <= set(os.listdir(checkpoint_dir))
@@ -75,21 +74,21 @@ def test_tok_train_base_train_base_loss_and_exact_resume(prepared, tmp_path, iso
     assert meta["val_bpb"] < 8 and meta["step"] == 12
 
     # continuing from step 6 reproduces steps 7..12 exactly
-    run(["scripts.base_train", *TRAIN, "--resume-from-step", "6", "--loss-log", str(tmp_path / "resumed.jsonl")], env)
+    run_main("scripts.base_train", [*TRAIN, "--resume-from-step", "6", "--loss-log", str(tmp_path / "resumed.jsonl")])
     resumed = read_losses(tmp_path / "resumed.jsonl")
     assert sorted(resumed) == list(range(7, 13))
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
 
-    out = run(["scripts.base_loss", "--device-batch-size", "4", "--split-tokens", "1024", "--max-sample-tokens", "8"], env)
+    out = run_main("scripts.base_loss", ["--device-batch-size", "4", "--split-tokens", "1024", "--max-sample-tokens", "8"])
     assert "train bpb:" in out and "val bpb:" in out and "scored tokens (of 1,024 requested)" in out
     report = (isolated_base_dir / "report" / "base-model-loss.md").read_text()
     assert "val bpb" in report and "- val tokens scored: " in report
 
 
-def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, isolated_base_dir):
+def test_two_processes_match_one_with_double_accumulation(prepared, tmp_path, isolated_base_dir, run_main):
     env = prepared
     common = [*TRAIN, "--num-iterations", "6", "--save-every", "-1", "--sample-every", "100"]
-    run(["scripts.base_train", *common, "--model-tag", "single", "--loss-log", str(tmp_path / "single.jsonl")], env)
+    run_main("scripts.base_train", [*common, "--model-tag", "single", "--loss-log", str(tmp_path / "single.jsonl")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "scripts.base_train", *common, "--model-tag", "ddp", "--loss-log", str(tmp_path / "ddp.jsonl")]
     out = run([*torchrun, "--save-every", "3"], env, module=False)
