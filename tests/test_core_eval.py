@@ -364,13 +364,10 @@ def script_env(base_dir, data_dir=None):
 
 
 @pytest.mark.slow
-def test_base_eval_script_end_to_end(tiny_checkpoint, tmp_path):
+def test_base_eval_script_end_to_end(tiny_checkpoint, tmp_path, run_main, monkeypatch):
     write_bundle(tmp_path / "mirror" / "core_eval_bundle")
-    result = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--max-per-task", "4", "--device-type", "cpu"],
-                            env=script_env(tiny_checkpoint, tmp_path / "mirror"), cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "mirror"))
+    output = run_main("scripts.base_eval", ["--max-per-task", "4", "--device-type", "cpu"])
     for text in ("tiny_mc", "tiny_schema", "tiny_lm", "CORE: ", "partial: 3 of 4 tasks",
                  "skipped (data file missing): tiny_missing"):
         assert text in output, text
@@ -403,18 +400,18 @@ def test_base_eval_offline_without_bundle_is_a_clear_error(tiny_checkpoint, monk
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_core_as_one(tiny_checkpoint, tmp_path):
+def test_two_processes_give_the_same_core_as_one(tiny_checkpoint, tmp_path, run_main, monkeypatch):
     """torchrun with 2 gloo ranks: each takes half the examples; the all-reduced accuracies match one process."""
     write_bundle(tmp_path / "mirror" / "core_eval_bundle")
-    env = script_env(tiny_checkpoint, tmp_path / "mirror")
-    outputs = []
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "mirror"))
+    run_main("scripts.base_eval", ["--device-type", "cpu"])
+    one_process = (tiny_checkpoint / "base_eval" / "d1_000005.csv").read_text()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for launcher in ([sys.executable, "-m", "scripts.base_eval"], [*torchrun, "-m", "scripts.base_eval"]):
-        result = subprocess.run([*launcher, "--device-type", "cpu"], env=env, cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        outputs.append((tiny_checkpoint / "base_eval" / "d1_000005.csv").read_text())
-    assert outputs[0] == outputs[1]
+    result = subprocess.run([*torchrun, "-m", "scripts.base_eval", "--device-type", "cpu"],
+                            env=script_env(tiny_checkpoint, tmp_path / "mirror"), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (tiny_checkpoint / "base_eval" / "d1_000005.csv").read_text() == one_process
 
 
 # -----------------------------------------------------------------------------
