@@ -126,8 +126,11 @@ def test_stop_sequences(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
 
 
-def test_models_list(client):
+def test_models_list_and_retrieve(client):
     assert [m.id for m in client.models.list()] == ["sft-d2"]
+    assert client.models.retrieve("sft-d2").id == "sft-d2"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
 
 
 def test_text_parts_and_system_message(client):
@@ -140,8 +143,22 @@ def test_text_parts_and_system_message(client):
 def test_sdk_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="sft-d2", messages=USER, temperature=5.0)
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.chat.completions.create(model="gpt-4", messages=USER)
+
+
+def test_any_model_name_is_echoed_and_client_shapes_are_accepted(client, server):
+    """One model is served: any name reaches it and is echoed. The response has message.refusal (null), as
+    OpenAI's schema requires; developer messages, null assistant content and repeated roles are accepted."""
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "user", "content": "there"}, {"role": "assistant", "content": None},
+                {"role": "user", "content": "ok?"}]
+    r = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=3, temperature=0)
+    assert r.model == "nanochat" and r.choices[0].message.refusal is None
+    stream = client.chat.completions.create(model="gpt-4", messages=USER, max_tokens=3, stream=True)
+    assert {chunk.model for chunk in stream} == {"gpt-4"}
+    raw = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                     json={"messages": USER, "max_tokens": 2, "guided_choice": ["a"], "ignore_this": 1})
+    assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "guided_choice, ignore_this"
+    assert raw.json()["choices"][0]["message"]["refusal"] is None
 
 
 # ---------------------------------------------------------------------------------------------- other routes
@@ -212,7 +229,7 @@ def test_request_log_line(server):
     ({"messages": USER, "n": 0}, "n"),
     ({"messages": USER, "logprobs": True}, "logprobs"),
     ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"messages": USER, "bogus_field": 1}, "bogus_field"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages[0].role"),
@@ -233,8 +250,7 @@ def test_malformed_bodies_and_unknown_routes(server):
     error_of(httpx.post(server.url + "/chat/completions", content=b"\xff\xfe", timeout=30), 400)
     assert error_of(httpx.get(server.url + "/v2/nothing"), 404)["code"] == "not_found"
     error_of(httpx.get(server.url + "/v1/chat/completions"), 405)
-    assert error_of(httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": USER}),
-                    404)["code"] == "model_not_found"
+    assert error_of(httpx.get(server.url + "/v1/models/nope"), 404)["code"] == "model_not_found"
 
 
 def test_requests_the_http_parser_rejects_get_an_openai_shaped_400(server):

@@ -12,7 +12,9 @@ from nanochat.serving.protocol import (
     RequestError,
     ResponseMessage,
     Usage,
+    conversation_turns,
     error_body,
+    ignored_fields,
     parse_request,
     resolve_max_tokens,
     resolve_sampling,
@@ -81,7 +83,7 @@ def test_harmless_fields_accepted():
     ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logprobs", True), ("top_logprobs", 3),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"50256": -100}),
-    ("unknown_field", 1), ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
+    ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
     ("seed", 1.5), ("model", 3), ("tool_choice", 3), ("user", ["u"]), ("stream_options", {"include_usage": True, "extra": 1}),
 ])
 def test_result_changing_or_unknown_fields_rejected(field, value):
@@ -94,10 +96,33 @@ def test_result_changing_or_unknown_fields_rejected(field, value):
     ({"messages": []}, "messages"), ({}, "messages"), ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages[0].extra"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
 ])
 def test_bad_messages_named(body, param):
     assert rejected(body).param == param
+
+
+def test_unknown_fields_are_ignored_and_named():
+    request = parse_request(req(unknown_field=1, guided_grammar="x",
+                                messages=[{"role": "user", "content": "x", "extra": 1}]))
+    assert ignored_fields(request) == ["unknown_field", "guided_grammar", "messages[0].extra"]
+    assert ignored_fields(parse_request(req())) == []
+
+
+def test_clients_conversation_shapes_are_normalized():
+    """developer = system, assistant content null = "", consecutive messages of one role joined."""
+    messages = parse_request({"messages": [
+        {"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "c"}]}).messages
+    assert conversation_turns(messages) == [("system", "Be brief.\n\nBe kind.", 0), ("user", "a\n\nb", 2),
+                                            ("assistant", "\n\nok", 4), ("user", "c", 6)]
+    validate_against_config(parse_request({"messages": messages_as_dicts(messages)}), CFG_LOOSE)
+
+
+def messages_as_dicts(messages):
+    return [m.model_dump() for m in messages]
 
 
 def test_non_object_body():
@@ -115,6 +140,7 @@ def test_error_body_shape():
 
 CFG = ServerConfig(max_messages=5, max_message_chars=10, max_total_chars=25, max_tokens_limit=100,
                    max_temperature=1.5, max_top_k=100, min_top_p=0.1)
+CFG_LOOSE = ServerConfig()
 
 
 def check(**fields):
@@ -163,10 +189,10 @@ def test_resolved_defaults():
 @pytest.mark.parametrize("roles, param", [
     (("user", "assistant"), "messages"),
     (("system",), "messages"),
-    (("user", "user"), "messages[1].role"),
     (("assistant", "user"), "messages[0].role"),
-    (("system", "system", "user"), "messages[1].role"),
+    (("system", "assistant", "user"), "messages[1].role"),
     (("user", "system", "user"), "messages[1].role"),
+    (("user", "assistant", "assistant"), "messages"),
 ])
 def test_conversation_shape(roles, param):
     assert check(messages=msgs(*roles)).param == param
@@ -177,7 +203,8 @@ def test_response_models_serialize():
     resp = ChatCompletionResponse(id="chatcmpl-1", created=1, model="m", usage=usage,
                                   choices=[Choice(index=0, message=ResponseMessage(content="yo"), finish_reason="stop")])
     d = resp.model_dump()
-    assert d["object"] == "chat.completion" and d["choices"][0]["message"] == {"role": "assistant", "content": "yo"}
+    assert d["object"] == "chat.completion"
+    assert d["choices"][0]["message"] == {"role": "assistant", "content": "yo", "refusal": None}
     chunk = ChatCompletionChunk(id="c", created=1, model="m",
                                 choices=[ChunkChoice(index=0, delta=Delta(content="y"), finish_reason=None)])
     assert chunk.model_dump(exclude_none=True)["choices"][0]["delta"] == {"content": "y"}

@@ -5,6 +5,7 @@ The HTTP server: FastAPI routes over the continuous-batching schedulers.
     POST /chat/completions       the UI's streaming endpoint
     POST /v1/chat/completions    OpenAI Chat Completions (stream and non-stream)
     GET  /v1/models              the served model
+    GET  /v1/models/{model}      its card (404 for other names; chat requests accept any name and echo it)
     POST /v1/batch/completions   several conversations generated together
     GET  /health, GET /metrics   readiness and Prometheus metrics (no key needed)
 
@@ -48,7 +49,9 @@ from nanochat.serving.protocol import (
     RequestError,
     ResponseMessage,
     Usage,
+    conversation_turns,
     error_body,
+    ignored_fields,
     parse_batch_request,
     parse_request,
     resolve_max_tokens,
@@ -60,6 +63,7 @@ from nanochat.serving.tickets import Overloaded, Ticket
 from nanochat.serving.streaming import TextStream
 
 logger = logging.getLogger("nanochat.serving")
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
 UI_CONFIG_PLACEHOLDER = "/*__NANOCHAT_UI_CONFIG__*/null"
 MAX_BODY_BYTES = 1 << 20  # far above any request the config limits allow; bigger bodies are refused unread
 DISCONNECT_POLL_SECONDS = 0.5
@@ -182,14 +186,17 @@ def _bad_request(e):
     return APIError(400, e.message, param=e.param, code="invalid_value" if e.param else None)
 
 
-def _check_model(state, model):
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"The model {model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+def _ignored_headers(request_model, route):
+    """Unknown request fields are ignored, named in the log and in a response header (as vLLM does)."""
+    ignored = ignored_fields(request_model)
+    if not ignored:
+        return {}
+    logger.warning(f"{route}: ignored unknown field(s) {', '.join(ignored)}")
+    return {IGNORED_FIELDS_HEADER: ", ".join(ignored)}
 
 
 def _render_prompt(state, messages, param="messages"):
-    conversation = {"messages": [{"role": m.role, "content": m.text} for m in messages] +
+    conversation = {"messages": [{"role": role, "content": text} for role, text, _ in conversation_turns(messages)] +
                     [{"role": "assistant", "content": ""}]}
     prompt = state.tokenizer.render_for_completion(conversation)
     if len(prompt) >= state.context_len:
@@ -207,7 +214,6 @@ def _prepare_chat(state, body):
         max_tokens, sampling = resolve_max_tokens(req, state.config), resolve_sampling(req, state.config)
     except RequestError as e:
         raise _bad_request(e) from None
-    _check_model(state, req.model)
     if req.n > state.max_batch_size:
         raise APIError(400, f"n={req.n} exceeds the server's batch size {state.max_batch_size}", param="n")
     return req, _render_prompt(state, req.messages), max_tokens, sampling
@@ -379,8 +385,8 @@ class TicketStreamingResponse(StreamingResponse):
     never for a generator that had not started.
     """
 
-    def __init__(self, content, ticket):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, content, ticket, headers=None):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
         self.ticket = ticket
 
     async def __call__(self, scope, receive, send):
@@ -443,8 +449,10 @@ def _openapi_docs(components, config, max_batch_size):
         "content": {"application/json": {"schema": _component_ref(components, BatchCompletionResponse)}}}} | errors}
     models = {"responses": {"200": {"description": "the served model", "content": {"application/json": {
         "schema": _component_ref(components, ModelList)}}}, "401": error, "429": error}}
+    model = {"responses": {"200": {"description": "the served model's card", "content": {"application/json": {
+        "schema": _component_ref(components, ModelCard)}}}, "401": error, "404": error, "429": error}}
     _state_limits(components, config, max_batch_size)
-    return dict(chat=chat, ui=ui, batch=batch, models=models)
+    return dict(chat=chat, ui=ui, batch=batch, models=models, model=model)
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -456,7 +464,7 @@ def _usage(prompt_tokens, completion_tokens):
 
 def _chunk(state, meta, choices, usage=None):
     """One SSE event of an OpenAI stream; fields left None (delta's role/content, finish_reason) are omitted."""
-    chunk = ChatCompletionChunk(id=meta["request_id"], created=meta["created"], model=state.model_name,
+    chunk = ChatCompletionChunk(id=meta["request_id"], created=meta["created"], model=meta["model"],
                                 choices=choices, usage=usage)
     return _sse(chunk.model_dump_json(exclude_none=True))
 
@@ -531,9 +539,10 @@ def _finish(state, ticket, meta, status, finish):
             meta["prompt_tokens"], status, finish)
 
 
-def _meta(route, caller, arrived, prefix, prompt_tokens):
-    """What a generation request's response and its log line need."""
-    return dict(route=route, caller=caller, arrived=arrived, created=int(time.time()),
+def _meta(route, caller, arrived, prefix, prompt_tokens, model):
+    """What a generation request's response and its log line need. model: the name the client asked for,
+    echoed (one model is served: any name reaches it), else the served model's."""
+    return dict(route=route, caller=caller, arrived=arrived, created=int(time.time()), model=model,
                 request_id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_tokens=prompt_tokens)
 
 
@@ -565,21 +574,33 @@ async def list_models(request: Request):
     return ModelList(data=[ModelCard(id=state.model_name, created=state.created)]).model_dump()
 
 
+async def retrieve_model(request: Request, model: str):
+    """GET /v1/models/{model}: the served model's card under its own name (chat accepts any name, but
+    the list of models stays truthful)."""
+    state = request.app.state.nanochat
+    _authorize(state, request)
+    if model != state.model_name:
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return ModelCard(id=state.model_name, created=state.created).model_dump()
+
+
 async def chat_completions(request: Request):
     """POST /v1/chat/completions: OpenAI's Chat Completions, streamed (SSE) or whole."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
     req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
     ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
-    meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt))
+    meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
+    headers = _ignored_headers(req, meta["route"])
     if req.stream:
-        return TicketStreamingResponse(_openai_stream(state, ticket, req, meta), ticket)
+        return TicketStreamingResponse(_openai_stream(state, ticket, req, meta), ticket, headers)
     texts, finishes = await _complete(state, ticket, req.stop, meta, request)
-    return ChatCompletionResponse(
-        id=meta["request_id"], created=meta["created"], model=state.model_name,
+    return JSONResponse(ChatCompletionResponse(
+        id=meta["request_id"], created=meta["created"], model=meta["model"],
         choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=finish)
                  for i, (text, finish) in enumerate(zip(texts, finishes))],
-        usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))).model_dump()
+        usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))).model_dump(), headers=headers)
 
 
 async def ui_chat_completions(request: Request):
@@ -591,8 +612,8 @@ async def ui_chat_completions(request: Request):
         raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
                        param="n", code="invalid_value")
     ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed)
-    meta = _meta("/chat/completions", caller, arrived, "chatcmpl", len(prompt))
-    return TicketStreamingResponse(_ui_stream(state, ticket, req, meta), ticket)
+    meta = _meta("/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
+    return TicketStreamingResponse(_ui_stream(state, ticket, req, meta), ticket, _ignored_headers(req, meta["route"]))
 
 
 def _prepare_batch(state, body):
@@ -611,7 +632,6 @@ def _prepare_batch(state, body):
         sampling = resolve_sampling(chat_requests[0], state.config)
     except RequestError as e:
         raise _bad_request(e) from None
-    _check_model(state, batch.model)
     if len(chat_requests) > state.max_batch_size:
         raise APIError(400, f"{len(chat_requests)} requests exceed the server's batch size {state.max_batch_size}",
                        param="requests")
@@ -625,12 +645,13 @@ async def batch_completions(request: Request):
     batch, chat_requests, max_tokens, sampling = _prepare_batch(state, await _read_json(state, request))
     prompts = [_render_prompt(state, r.messages, f"requests[{i}].messages") for i, r in enumerate(chat_requests)]
     ticket = _submit(state, prompts, 1, max_tokens, sampling, batch.seed)
-    meta = _meta("/v1/batch/completions", caller, arrived, "batch", sum(map(len, prompts)))
+    meta = _meta("/v1/batch/completions", caller, arrived, "batch", sum(map(len, prompts)),
+                 batch.model or state.model_name)
     texts, finishes = await _complete(state, ticket, batch.stop, meta, request)
     results = [BatchResult(index=i, message=ResponseMessage(content=text), finish_reason=finish,
                            usage=_usage(len(prompt), stream.num_tokens))
                for i, (text, finish, prompt, stream) in enumerate(zip(texts, finishes, prompts, ticket.streams))]
-    return BatchCompletionResponse(id=meta["request_id"], created=meta["created"], model=state.model_name,
+    return BatchCompletionResponse(id=meta["request_id"], created=meta["created"], model=meta["model"],
                                    results=results,
                                    usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
                                    ).model_dump()
@@ -697,6 +718,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_ho
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response)
     app.add_api_route("/v1/models", list_models, methods=["GET"], openapi_extra=docs["models"])
+    app.add_api_route("/v1/models/{model}", retrieve_model, methods=["GET"], openapi_extra=docs["model"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], openapi_extra=docs["chat"])
     app.add_api_route("/chat/completions", ui_chat_completions, methods=["POST"], openapi_extra=docs["ui"])
     app.add_api_route("/v1/batch/completions", batch_completions, methods=["POST"], openapi_extra=docs["batch"])

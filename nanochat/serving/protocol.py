@@ -1,10 +1,12 @@
 """
 OpenAI Chat Completions wire format: request validation, response/chunk models, the error body.
 
-Policy: accept every field a standard client may send, but only in a value that does not change the
-result (frequency_penalty=0, logprobs=false, tools=[], ...). A value we would have to ignore to serve
-the request is rejected with the field named, so a client never gets silently different behaviour.
-Unknown fields are rejected too (extra="forbid"). Parse errors become RequestError(message, param).
+Policy: lenient where harmless, strict where the result would change. A field of OpenAI's API that we do
+not implement is accepted only in a value that does not change the result (frequency_penalty=0,
+logprobs=false, tools=[], ...); any other value is rejected with the field named, so a client never gets
+silently different behaviour. Fields unknown to OpenAI's API (clients and tools add their own) are ignored,
+and ignored_fields() names them for the log and a response header. Parse errors become
+RequestError(message, param).
 """
 
 from typing import Annotated, Any, Literal
@@ -47,6 +49,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Lenient(BaseModel):
+    """A request object whose unknown fields are kept aside (model_extra) and ignored."""
+    model_config = ConfigDict(extra="allow")
+
+
 # ----------------------------------------------------------------------------- requests
 
 class TextPart(_Model):
@@ -54,9 +61,9 @@ class TextPart(_Model):
     text: StrictStr
 
 
-class ChatMessage(_Model):
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: StrictStr | list[TextPart] | None  # required; null only from the assistant (checked below)
     name: StrictStr | None = None  # OpenAI allows a participant name; it does not reach the model
 
     @field_validator("content", mode="before")
@@ -69,12 +76,22 @@ class ChatMessage(_Model):
                     raise ValueError(f"content part {i} must be an object")  # noqa: TRY004 (pydantic wants ValueError)
                 if part.get("type") != "text":
                     raise ValueError(f"content part {i} has type {part.get('type')!r}; only 'text' is supported")
-        elif not isinstance(value, str):
+        elif value is not None and not isinstance(value, str):
             raise ValueError("content must be a string or a list of text parts")  # noqa: TRY004
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_for_the_assistant(cls, value, info):
+        # an assistant message that only called tools has content null (clients send the history back)
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("null is allowed only in assistant messages")
         return value
 
     @property
     def text(self):
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -114,7 +131,7 @@ def _check_stop_value(value):
     return value
 
 
-class ChatCompletionRequest(_Model):
+class ChatCompletionRequest(_Lenient):
     model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: StrictFloat | None = None
@@ -219,6 +236,30 @@ def parse_request(body):
     return _validate(ChatCompletionRequest, body)
 
 
+def ignored_fields(request):
+    """The unknown fields a request carried, in OpenAI's param style: ['ignore_this', 'messages[0].x']."""
+    names = list(request.model_extra or {})
+    for i, message in enumerate(request.messages):
+        names += [f"messages[{i}].{name}" for name in message.model_extra or {}]
+    return names
+
+
+def conversation_turns(messages):
+    """
+    [(role, text, index of its first message)]: developer messages count as system, an assistant's null
+    content as "", and consecutive messages of one role are joined by a blank line (OpenAI's API accepts
+    them; our chat template alternates user and assistant).
+    """
+    turns = []
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n\n" + m.text, turns[-1][2])
+        else:
+            turns.append((role, m.text, i))
+    return turns
+
+
 # ----------------------------------------------------------------------------- checks against server config
 
 def resolve_max_tokens(request, config):
@@ -252,16 +293,17 @@ def resolve_sampling(request, config):
 
 
 def _check_conversation(messages):
-    """Optional leading system message, then user/assistant alternating, ending with the user."""
-    start = 1 if messages[0].role == "system" else 0
-    for i, m in enumerate(messages[start:], start):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if m.role != expected:
-            where = "only the first message may be a system message" if m.role == "system" else \
-                "roles must alternate user/assistant after an optional system message"
-            raise RequestError(f"messages[{i}].role: expected {expected!r}, got {m.role!r} ({where})",
+    """Optional leading system turn, then user/assistant turns alternating, ending with the user."""
+    turns = conversation_turns(messages)
+    start = 1 if turns[0][0] == "system" else 0
+    for t, (role, _, i) in enumerate(turns[start:], start):
+        expected = "user" if (t - start) % 2 == 0 else "assistant"
+        if role != expected:
+            where = "only the first messages may be system messages" if role == "system" else \
+                "the conversation must start with the user after any system messages"
+            raise RequestError(f"messages[{i}].role: expected {expected!r}, got {messages[i].role!r} ({where})",
                                f"messages[{i}].role")
-    if messages[-1].role != "user":
+    if turns[-1][0] != "user":
         raise RequestError("the last message must be from the user", "messages")
 
 
@@ -295,6 +337,7 @@ class Usage(_Model):
 class ResponseMessage(_Model):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required by OpenAI's schema; this server never refuses in-band
 
 
 class Choice(_Model):
