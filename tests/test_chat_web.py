@@ -156,9 +156,20 @@ def test_any_model_name_is_echoed_and_client_shapes_are_accepted(client, server)
     stream = client.chat.completions.create(model="gpt-4", messages=USER, max_tokens=3, stream=True)
     assert {chunk.model for chunk in stream} == {"gpt-4"}
     raw = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                     json={"messages": USER, "max_tokens": 2, "guided_choice": ["a"], "ignore_this": 1})
-    assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "guided_choice, ignore_this"
+                     json={"messages": USER, "max_tokens": 2, "request_tag": "a", "ignore_this": 1})
+    assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "request_tag, ignore_this"
     assert raw.json()["choices"][0]["message"]["refusal"] is None
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(server):
+    body = {"messages": USER, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    completion = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all("usage" in c for c in chunks) and completion == sorted(completion) and completion[-1] > 0
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == \
+        chunks[-1]["usage"]["prompt_tokens"] + completion[-1]
 
 
 # ---------------------------------------------------------------------------------------------- other routes

@@ -84,6 +84,8 @@ def test_harmless_fields_accepted():
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"50256": -100}),
     ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
+    ("ignore_eos", True), ("min_tokens", 5), ("repetition_penalty", 1.2), ("min_p", 0.1), ("best_of", 2),
+    ("use_beam_search", True), ("stop_token_ids", [3]), ("guided_choice", ["a"]), ("guided_json", {}),
     ("seed", 1.5), ("model", 3), ("tool_choice", 3), ("user", ["u"]), ("stream_options", {"include_usage": True, "extra": 1}),
 ])
 def test_result_changing_or_unknown_fields_rejected(field, value):
@@ -103,9 +105,10 @@ def test_bad_messages_named(body, param):
 
 
 def test_unknown_fields_are_ignored_and_named():
-    request = parse_request(req(unknown_field=1, guided_grammar="x",
+    request = parse_request(req(unknown_field=1, request_tag="x", ignore_eos=False, min_tokens=0,
+                                stream_options={"include_usage": True, "continuous_usage_stats": True},
                                 messages=[{"role": "user", "content": "x", "extra": 1}]))
-    assert ignored_fields(request) == ["unknown_field", "guided_grammar", "messages[0].extra"]
+    assert ignored_fields(request) == ["unknown_field", "request_tag", "messages[0].extra"]
     assert ignored_fields(parse_request(req())) == []
 
 

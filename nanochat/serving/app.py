@@ -386,7 +386,8 @@ class TicketStreamingResponse(StreamingResponse):
     """
 
     def __init__(self, content, ticket, headers=None):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **(headers or {})})
         self.ticket = ticket
 
     async def __call__(self, scope, receive, send):
@@ -492,21 +493,29 @@ async def _complete(state, ticket, stop, meta, request):
 
 async def _openai_stream(state, ticket, req, meta):
     status, finishes = 200, set()
+    options = req.stream_options
+
+    def usage():
+        return _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+
+    def chunk(choice):  # continuous_usage_stats (vLLM's extension): the usage so far in every chunk
+        return _chunk(state, meta, [choice], usage() if options and options.continuous_usage_stats else None)
+
     try:
         for i in range(ticket.num_rows):
-            yield _chunk(state, meta, [ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
         async for updates in _text_events(ticket, state.tokenizer, _stop_list(req.stop)):
             out = []
             for row, piece, finish in updates:
                 if piece:
-                    out.append(_chunk(state, meta, [ChunkChoice(index=row, delta=Delta(content=piece))]))
+                    out.append(chunk(ChunkChoice(index=row, delta=Delta(content=piece))))
                 if finish:
                     finishes.add(finish)
-                    out.append(_chunk(state, meta, [ChunkChoice(index=row, delta=Delta(), finish_reason=finish)]))
+                    out.append(chunk(ChunkChoice(index=row, delta=Delta(), finish_reason=finish)))
             if out:
                 yield "".join(out)  # several SSE events in one write
-        if req.stream_options and req.stream_options.include_usage:
-            yield _chunk(state, meta, [], _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)))
+        if options and options.include_usage:
+            yield _chunk(state, meta, [], usage())
         yield _sse("[DONE]")
     except GenerationFailed as e:
         status = 503

@@ -97,6 +97,7 @@ class ChatMessage(_Lenient):
 
 class StreamOptions(_Model):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's extension: usage in every chunk (benchmark tools)
 
 
 def _must_be(value, allowed, field):
@@ -160,6 +161,19 @@ class ChatCompletionRequest(_Lenient):
     store: StrictBool | None = None
     metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
     service_tier: StrictStr | None = None
+    # vLLM's sampling extensions that benchmark and eval tools send: known, so that a value that would
+    # change the result is a 400 instead of an ignored unknown field; accepted in their no-op values
+    ignore_eos: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
+    min_tokens: StrictInt | None = Field(None, json_schema_extra=ZERO_ONLY)
+    repetition_penalty: StrictFloat | None = Field(None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})
+    min_p: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
+    best_of: StrictInt | None = Field(None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})
+    use_beam_search: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
+    stop_token_ids: list[StrictInt] | None = Field(None, json_schema_extra={"maxItems": 0})
+    guided_json: Any = Field(None, json_schema_extra={"type": "null"})
+    guided_regex: Any = Field(None, json_schema_extra={"type": "null"})
+    guided_choice: Any = Field(None, json_schema_extra={"type": "null"})
+    guided_grammar: Any = Field(None, json_schema_extra={"type": "null"})
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -203,6 +217,35 @@ class ChatCompletionRequest(_Lenient):
     def _no_logit_bias(cls, value):
         if value:
             raise ValueError("logit_bias is not supported (would change the result); send {} or omit it")
+        return value
+
+    @field_validator("ignore_eos", "use_beam_search")
+    @classmethod
+    def _false_only(cls, value, info):
+        return value if value is None else _must_be(value, [False], info.field_name)
+
+    @field_validator("min_tokens", "min_p")
+    @classmethod
+    def _zero_only(cls, value, info):
+        return value if value is None else _must_be(value, [0], info.field_name)
+
+    @field_validator("repetition_penalty", "best_of")
+    @classmethod
+    def _one_only(cls, value, info):
+        return value if value is None else _must_be(value, [1], info.field_name)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _no_stop_token_ids(cls, value):
+        if value:
+            raise ValueError("stop_token_ids is not supported (would change the result); send [] or omit it")
+        return value
+
+    @field_validator("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @classmethod
+    def _no_guided_decoding(cls, value, info):
+        if value is not None:
+            raise ValueError(f"{info.field_name} (guided decoding) is not supported (would change the result)")
         return value
 
 
