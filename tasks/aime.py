@@ -18,6 +18,9 @@ INSTRUCTION = "Solve the problem step by step. The answer is an integer from 0 t
 INTEGER = re.compile(r"^[+-]?\d+$")
 # a number in running text: digits, optional thousands groups ("1,000"), optional decimals ("3.5")
 NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# formatting a model wraps around a boxed answer: \textbf{204}, \text{ 204}, \mathrm{204}
+FORMATTING = re.compile(r"\\(?:textbf|textrm|text|mathrm|mathbf|boldsymbol|mbox)\{([^{}]*)\}")
+CHOICE_LABEL = re.compile(r"^\(?[A-E]\)")  # "(B) 204": a multiple-choice label before the number
 
 
 def boxed_spans(text):
@@ -38,8 +41,14 @@ def boxed_spans(text):
 
 
 def parse_integer(content):
-    """A box's content as an int ("042" -> 42, "1,000" -> 1000, "-5" -> -5), or None (3.5, \\frac{1}{2}, x)."""
-    cleaned = re.sub(r"\s|\\[,;!: ]", "", content).replace(",", "").strip("$")
+    """
+    A box's content as an int ("042" -> 42, "1,000" -> 1000, "-5" -> -5, "\\textbf{(B) } 204" -> 204), or None
+    (3.5, \\frac{1}{2}, x, \\$33: an escaped dollar is a currency sign, not math mode).
+    """
+    while (unwrapped := FORMATTING.sub(r"\1", content)) != content:  # innermost first: \text{\textbf{7}}
+        content = unwrapped
+    cleaned = re.sub(r"\s|\\[,;!: ]", "", content).replace(",", "")
+    cleaned = CHOICE_LABEL.sub("", re.sub(r"(?<!\\)\$", "", cleaned))
     return int(cleaned) if INTEGER.match(cleaned) else None
 
 

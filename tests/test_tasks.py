@@ -505,6 +505,15 @@ def test_word_list_sources(data_dir, isolated_base_dir, monkeypatch):
     ("there are 1,000 ways, so 999", 999),
     (r"$\boxed{\$33\$}$", None),
     (r"\boxed{33}.", 33),
+    # formatting and a choice label around the integer
+    (r"\boxed{\textbf{(B) } 204}", 204),
+    (r"\boxed{\text{ 204 }}", 204),
+    (r"\boxed{\mathrm{204}}", 204),
+    (r"\boxed{$204$}", 204),
+    (r"\boxed{\text{\textbf{7}}}", 7),
+    (r"\boxed{(C) 45}", 45),
+    (r"\boxed{\textbf{(B)}}", None),
+    (r"\boxed{\text{x}}", None),
 ])
 def test_aime_extract_answer(text, expected):
     assert aime_answer(text) == expected
