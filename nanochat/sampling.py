@@ -1,8 +1,9 @@
 """
 The one place logits become a distribution.
 
-process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest set of
-the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
+penalize_logits applies OpenAI's frequency/presence penalties and logit_bias to a row (the server's
+requests); process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest
+set of the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
 greedy: a one-hot distribution on the argmax, and so does any temperature below GREEDY_BELOW_TEMPERATURE:
 logits divided by a float32 subnormal such as 1e-40 overflow to inf and the softmax turns to NaN, while
 at 1e-6 the distribution is already one-hot to float32 precision. Plain sampling and speculative verification both call it,
@@ -47,6 +48,27 @@ def _as_column(value, B, default, dtype, device):
     if isinstance(value, (list, tuple)):
         return torch.tensor([default if v is None else v for v in value], dtype=dtype, device=device).reshape(B, 1)
     return torch.full((B, 1), value, dtype=dtype, device=device)
+
+
+# OpenAI's bounds for the logit adjustments below (checked at the API boundary, serving/protocol.py)
+MAX_PENALTY, MAX_LOGIT_BIAS = 2.0, 100.0
+
+
+def penalize_logits(logits, generated, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+    """
+    OpenAI's frequency/presence penalties and logit_bias on one row's logits (V,), before temperature:
+        logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;  then logit[j] += bias[j]
+    with c[j] how many times token j was generated so far in this reply (the prompt does not count).
+    Returns a new tensor; the input is not modified.
+    """
+    logits = logits.float().clone()
+    if generated and (frequency_penalty or presence_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.numel())
+        logits -= counts.float() * frequency_penalty + (counts > 0).float() * presence_penalty
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
+    return logits
 
 
 def is_greedy(temperature):

@@ -161,6 +161,18 @@ def test_any_model_name_is_echoed_and_client_shapes_are_accepted(client, server)
     assert raw.json()["choices"][0]["message"]["refusal"] is None
 
 
+def test_logit_bias_and_penalties_reach_the_sampler(client, base_dir):
+    tokenizer = base_dir[1]
+    token = tokenizer.encode(" the")[0]
+    r = client.chat.completions.create(model="m", messages=USER, max_tokens=5, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert tokenizer.encode(r.choices[0].message.content) == tokenizer.encode(" the" * 5)
+    plain = client.chat.completions.create(model="m", messages=USER, max_tokens=12, temperature=0)
+    penalized = client.chat.completions.create(model="m", messages=USER, max_tokens=12, temperature=0,
+                                               frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized.choices[0].message.content != plain.choices[0].message.content
+
+
 def test_continuous_usage_stats_put_usage_in_every_chunk(server):
     body = {"messages": USER, "max_tokens": 6, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
@@ -239,7 +251,8 @@ def test_request_log_line(server):
     ({"messages": USER, "max_tokens": 100000}, "max_tokens"),
     ({"messages": USER, "n": 0}, "n"),
     ({"messages": USER, "logprobs": True}, "logprobs"),
-    ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanochat.sampling import process_logits, sample_next_token, validate_sampling_params
+from nanochat.sampling import penalize_logits, process_logits, sample_next_token, validate_sampling_params
 
 
 def logits_of(probs):
@@ -127,3 +127,15 @@ def test_greedy_sampling_is_argmax_without_randomness():
     state = g.get_state()
     assert torch.equal(sample_next_token(logits, g, 0.0)[:, 0], logits.argmax(-1))
     assert torch.equal(g.get_state(), state)  # greedy draws nothing from the generator
+
+
+def test_penalties_and_logit_bias_follow_openai_formula():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    generated = [3, 3, 1, 3]  # token 3 three times, token 1 once
+    out = penalize_logits(logits, generated, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={0: 10.0, 2: -1})
+    # logit[j] - c[j] * 0.5 - (c[j] > 0) * 0.25 + bias[j]
+    assert torch.equal(out, torch.tensor([1.0 + 10, 2.0 - 0.5 - 0.25, 3.0 - 1, 4.0 - 1.5 - 0.25]))
+    assert torch.equal(logits, torch.tensor([1.0, 2.0, 3.0, 4.0]))  # the input is left alone
+    assert torch.equal(penalize_logits(logits, [], frequency_penalty=2.0, presence_penalty=2.0), logits)
+    negative = penalize_logits(logits, [0], frequency_penalty=-1.0)  # negative penalties encourage repeats
+    assert negative[0] == 2.0

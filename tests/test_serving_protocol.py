@@ -17,6 +17,7 @@ from nanochat.serving.protocol import (
     ignored_fields,
     parse_request,
     resolve_max_tokens,
+    resolve_penalties,
     resolve_sampling,
     validate_against_config,
 )
@@ -80,9 +81,9 @@ def test_harmless_fields_accepted():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logprobs", True), ("top_logprobs", 3),
+    ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logprobs", True), ("top_logprobs", 3),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"50256": -100}),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"abc": -100}), ("logit_bias", {"5": 101}), ("logit_bias", {"5": "1"}),
     ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
     ("ignore_eos", True), ("min_tokens", 5), ("repetition_penalty", 1.2), ("min_p", 0.1), ("best_of", 2),
     ("use_beam_search", True), ("stop_token_ids", [3]), ("guided_choice", ["a"]), ("guided_json", {}),
@@ -102,6 +103,16 @@ def test_result_changing_or_unknown_fields_rejected(field, value):
 ])
 def test_bad_messages_named(body, param):
     assert rejected(body).param == param
+
+
+def test_penalties_and_logit_bias_resolved():
+    assert resolve_penalties(parse_request(req(frequency_penalty=0, logit_bias={"3": 0})), 100) is None
+    assert resolve_penalties(parse_request(req(presence_penalty=-2, logit_bias={"3": 5, "7": -100.0})), 100) == {
+        "frequency_penalty": 0.0, "presence_penalty": -2, "logit_bias": {3: 5.0, 7: -100.0}}
+    with pytest.raises(RequestError) as e:
+        resolve_penalties(parse_request(req(logit_bias={"100": 1})), 100)
+    assert e.value.param == "logit_bias" and "vocabulary size 100" in e.value.message
+    assert rejected(req(logit_bias={str(i): 1 for i in range(301)})).param == "logit_bias"
 
 
 def test_unknown_fields_are_ignored_and_named():

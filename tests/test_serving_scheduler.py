@@ -382,3 +382,27 @@ def test_no_prefix_cache_rows_means_no_reuse(model, tokenizer):
 
     run(scheduler, main())
     assert scheduler.counters["prefix_hits"] == 0 and scheduler.kv_cache.batch_size == 2
+
+
+def test_penalties_and_logit_bias_apply_to_their_row_only(model, tokenizer):
+    """logit_bias +100 on one token makes greedy decoding emit only it; -100 on the plain greedy choice moves
+    the first token; a request without them in the same batch keeps its exact greedy output."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    p = prompts(1, seed=5)[0]
+    plain = greedy_reference(model, tokenizer, p, 8)
+    forced_token = next(t for t in range(300) if t not in plain)
+
+    async def main():
+        tickets = [Ticket([p], 1, 8, 0.0, None, None),
+                   Ticket([p], 1, 8, 0.0, None, None, penalties={"frequency_penalty": 0.0, "presence_penalty": 0.0,
+                                                                 "logit_bias": {forced_token: 100.0}}),
+                   Ticket([p], 1, 8, 0.0, None, None, penalties={"frequency_penalty": 0.0, "presence_penalty": 0.0,
+                                                                 "logit_bias": {plain[0]: -100.0}})]
+        for t in tickets:
+            scheduler.submit(t)
+        return [await collect(t) for t in tickets]
+
+    (same, _), (forced, _), (moved, _) = run(scheduler, main())
+    assert same[0] == plain
+    assert forced[0] == [forced_token] * 8
+    assert moved[0][0] != plain[0]

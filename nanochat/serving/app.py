@@ -55,6 +55,7 @@ from nanochat.serving.protocol import (
     parse_batch_request,
     parse_request,
     resolve_max_tokens,
+    resolve_penalties,
     resolve_sampling,
     validate_against_config,
 )
@@ -207,16 +208,17 @@ def _render_prompt(state, messages, param="messages"):
 
 
 def _prepare_chat(state, body):
-    """Validated request -> (request, prompt tokens, max_tokens, (temperature, top_k, top_p))."""
+    """Validated request -> (request, prompt tokens, max_tokens, (temperature, top_k, top_p), penalties)."""
     try:
         req = parse_request(body)
         validate_against_config(req, state.config)
         max_tokens, sampling = resolve_max_tokens(req, state.config), resolve_sampling(req, state.config)
+        penalties = resolve_penalties(req, state.tokenizer.get_vocab_size())
     except RequestError as e:
         raise _bad_request(e) from None
     if req.n > state.max_batch_size:
         raise APIError(400, f"n={req.n} exceeds the server's batch size {state.max_batch_size}", param="n")
-    return req, _render_prompt(state, req.messages), max_tokens, sampling
+    return req, _render_prompt(state, req.messages), max_tokens, sampling, penalties
 
 
 def _overloaded(e):
@@ -275,10 +277,10 @@ class Shedder:
             self.refused, self.logged_at = 0, now
 
 
-def _submit(state, prompts, num_samples, max_tokens, sampling, seed):
+def _submit(state, prompts, num_samples, max_tokens, sampling, seed, penalties=None):
     if state.draining:  # began while the body was read
         raise _shutting_down()
-    ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed)
+    ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed, penalties=penalties)
     alive = [s for s in state.schedulers if s.alive] or state.schedulers  # a dead worker answers 503 itself
     scheduler = min(alive, key=lambda s: s.load())  # the least busy replica
     try:
@@ -598,8 +600,8 @@ async def chat_completions(request: Request):
     """POST /v1/chat/completions: OpenAI's Chat Completions, streamed (SSE) or whole."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
-    req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
-    ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed)
+    req, prompt, max_tokens, sampling, penalties = _prepare_chat(state, await _read_json(state, request))
+    ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed, penalties)
     meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
     headers = _ignored_headers(req, meta["route"])
     if req.stream:
@@ -616,11 +618,11 @@ async def ui_chat_completions(request: Request):
     """POST /chat/completions: the chat UI's stream of one reply."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
-    req, prompt, max_tokens, sampling = _prepare_chat(state, await _read_json(state, request))
+    req, prompt, max_tokens, sampling, penalties = _prepare_chat(state, await _read_json(state, request))
     if req.n != 1:  # its token events carry no row: replies would interleave
         raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
                        param="n", code="invalid_value")
-    ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed)
+    ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed, penalties)
     meta = _meta("/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
     return TicketStreamingResponse(_ui_stream(state, ticket, req, meta), ticket, _ignored_headers(req, meta["route"]))
 

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from nanochat.sampling import validate_sampling_params
+from nanochat.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, validate_sampling_params
 
 StrictFloat = Annotated[float, Field(strict=True)]  # strict float still accepts ints, but not "0.5" or true
 MAX_STOP_SEQUENCES = 4
@@ -115,6 +115,11 @@ ZERO_ONLY = {"anyOf": [{"const": 0}, {"type": "null"}]}
 TEXT_FORMAT_ONLY = {"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
                                "additionalProperties": False}, {"type": "null"}]}
 NO_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
+MAX_LOGIT_BIAS_TOKENS = 300
+LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "object", "maxProperties": MAX_LOGIT_BIAS_TOKENS,
+                                "propertyNames": {"pattern": "^[0-9]+$"},
+                                "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                         "maximum": MAX_LOGIT_BIAS}}, {"type": "null"}]}
 
 
 def _check_stop_value(value):
@@ -146,9 +151,11 @@ class ChatCompletionRequest(_Lenient):
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     seed: StrictInt | None = None
     user: StrictStr | None = None
-    # Accepted only in their no-op values (see _noop_only below).
-    frequency_penalty: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
-    presence_penalty: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
+    # OpenAI's penalties and logit_bias (sampling.penalize_logits), within OpenAI's bounds
+    frequency_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, StrictFloat] | None = Field(None, json_schema_extra=LOGIT_BIAS_SCHEMA)
+    # Accepted only in their no-op values (see the validators below).
     logprobs: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
     top_logprobs: StrictInt | None = Field(None, json_schema_extra=ZERO_ONLY)
     response_format: dict[str, Any] | None = Field(None, json_schema_extra=TEXT_FORMAT_ONLY)
@@ -157,7 +164,6 @@ class ChatCompletionRequest(_Lenient):
     parallel_tool_calls: StrictBool | None = None
     functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     function_call: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
-    logit_bias: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
     store: StrictBool | None = None
     metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
     service_tier: StrictStr | None = None
@@ -179,11 +185,6 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _check_stop(cls, value):
         return _check_stop_value(value)
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _zero_penalty(cls, value, info):
-        return value if value is None else _must_be(value, [0], info.field_name)
 
     @field_validator("logprobs")
     @classmethod
@@ -214,9 +215,16 @@ class ChatCompletionRequest(_Lenient):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported (would change the result); send {} or omit it")
+    def _check_logit_bias(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens may be biased, got {len(value)}")
+        for token, bias in value.items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids (digit strings), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}, got {bias}")
         return value
 
     @field_validator("ignore_eos", "use_beam_search")
@@ -333,6 +341,17 @@ def resolve_sampling(request, config):
         if not lo <= value <= hi:
             raise RequestError(f"{name} must be between {lo} and {hi}, got {value}", name)
     return t, k, p
+
+
+def resolve_penalties(request, vocab_size):
+    """sampling.penalize_logits' keyword arguments for this request, or None when nothing would change."""
+    bias = {int(token): float(b) for token, b in (request.logit_bias or {}).items() if b}
+    if any(token >= vocab_size for token in bias):
+        raise RequestError(f"logit_bias: token ids must be below the vocabulary size {vocab_size}", "logit_bias")
+    frequency, presence = request.frequency_penalty or 0.0, request.presence_penalty or 0.0
+    if not (frequency or presence or bias):
+        return None
+    return {"frequency_penalty": frequency, "presence_penalty": presence, "logit_bias": bias or None}
 
 
 def _check_conversation(messages):

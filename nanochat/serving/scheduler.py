@@ -44,7 +44,7 @@ from nanochat.common import autocast_context
 from nanochat.engine import Engine
 from nanochat.kv_cache import KVCache
 from nanochat.tools import RowState
-from nanochat.sampling import process_logits, sample_from_probs
+from nanochat.sampling import penalize_logits, process_logits, sample_from_probs
 from nanochat.serving.prefix_cache import PrefixCache
 from nanochat.serving.tickets import Overloaded, count_queued
 
@@ -410,6 +410,9 @@ class Scheduler:
             return tokens
 
     def _sample_rows(self, sequences, logits):
+        if any(s.ticket.penalties for s in sequences):  # OpenAI's penalties / logit_bias, row by row
+            logits = torch.stack([penalize_logits(row, s.generated, **s.ticket.penalties) if s.ticket.penalties
+                                  else row.float() for s, row in zip(sequences, logits)])
         settings = [(s.ticket.temperature, s.ticket.top_k, s.ticket.top_p) for s in sequences]
         if len(set(settings)) == 1:
             probs = process_logits(logits, *settings[0])
@@ -495,7 +498,8 @@ class Scheduler:
         if not self.speculative_proposals or self.waiting:
             return False
         sequences = self.running + self.prefilling
-        return len(sequences) == 1 and sequences[0].ticket.num_rows == 1
+        # the speculative engine samples without penalties: such a request decodes plainly
+        return len(sequences) == 1 and sequences[0].ticket.num_rows == 1 and not sequences[0].ticket.penalties
 
     def _speculative_step(self):
         seq = (self.running + self.prefilling)[0]

@@ -27,9 +27,12 @@ class Ticket:
     ("error", None, message), put on `events` (an asyncio queue of the HTTP side's event loop).
     """
 
-    def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, loop=None):
+    def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, penalties=None,
+                 loop=None):
         self.prompts, self.num_samples, self.max_tokens = prompts, num_samples, max_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        # None, or sampling.penalize_logits' keyword arguments: frequency_penalty, presence_penalty, logit_bias
+        self.penalties = penalties
         self.seed = None if seed is None else seed % 2**63  # any JSON integer -> a valid torch seed
         self.num_rows = len(prompts) * num_samples
         self.loop = loop  # where events are delivered: the running loop when created by the HTTP side
