@@ -2,8 +2,8 @@
 OpenAI Chat Completions wire format: request validation, response/chunk models, the error body.
 
 Policy: lenient where harmless, strict where the result would change. A field of OpenAI's API that we do
-not implement is accepted only in a value that does not change the result (frequency_penalty=0,
-logprobs=false, tools=[], ...); any other value is rejected with the field named, so a client never gets
+not implement is accepted only in a value that does not change the result (logprobs=false,
+tools=[], ignore_eos=false, ...); any other value is rejected with the field named, so a client never gets
 silently different behaviour. Fields unknown to OpenAI's API (clients and tools add their own) are ignored,
 and ignored_fields() names them for the log and a response header. Parse errors become
 RequestError(message, param).
