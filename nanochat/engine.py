@@ -171,7 +171,7 @@ class Engine:
         """generate_batch's (results, masks) from the steps of generate or of a SpeculativeRun."""
         results = [list(p) for p in prompts for _ in range(num_samples)]
         masks = [[0] * len(p) for p in prompts for _ in range(num_samples)]
-        terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        terminal = self.tokenizer.terminal_token_ids()
         done = [False] * len(results)
         for column, column_masks in steps:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
@@ -205,7 +205,7 @@ class Engine:
         self._check(prompts, 1, max_tokens, 1.0, None, None)
         prompt = prompts[0]
         max_new = self._max_new_tokens(prompts, max_tokens)
-        terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        terminal = self.tokenizer.terminal_token_ids()
         penalty = lambda n: ((min_length + n) / (min_length + 1)) ** alpha  # noqa: E731
         device = self.model.get_device()
 

@@ -2,7 +2,7 @@
 The one place logits become a distribution.
 
 penalize_logits applies OpenAI's frequency/presence penalties and logit_bias to a row (the server's
-requests); process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest
+requests) and holds back the end of a reply (vLLM's min_tokens / ignore_eos); process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest
 set of the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
 greedy: a one-hot distribution on the argmax, and so does any temperature below GREEDY_BELOW_TEMPERATURE:
 logits divided by a float32 subnormal such as 1e-40 overflow to inf and the softmax turns to NaN, while
@@ -54,12 +54,14 @@ def _as_column(value, B, default, dtype, device):
 MAX_PENALTY, MAX_LOGIT_BIAS = 2.0, 100.0
 
 
-def penalize_logits(logits, generated, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+def penalize_logits(logits, generated, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, min_tokens=0,
+                    eos_ids=()):
     """
     OpenAI's frequency/presence penalties and logit_bias on one row's logits (V,), before temperature:
         logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;  then logit[j] += bias[j]
     with c[j] how many times token j was generated so far in this reply (the prompt does not count).
-    Returns a new tensor; the input is not modified.
+    While fewer than min_tokens tokens were generated, the tokens that end a reply (eos_ids) are excluded
+    (-inf), whatever their bias. Returns a new tensor; the input is not modified.
     """
     logits = logits.float().clone()
     if generated and (frequency_penalty or presence_penalty):
@@ -68,7 +70,32 @@ def penalize_logits(logits, generated, frequency_penalty=0.0, presence_penalty=0
     if logit_bias:
         ids = torch.tensor(list(logit_bias), device=logits.device)
         logits[ids] += torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
+    if len(generated) < min_tokens and eos_ids:
+        logits[list(eos_ids)] = float("-inf")
     return logits
+
+
+# Reported log-probabilities below this are clamped (JSON has no -inf; OpenAI reports -9999.0 the same way).
+MIN_REPORTED_LOGPROB = -9999.0
+
+
+def token_logprobs(logits, tokens, temperature=1.0, top=0):
+    """
+    The log-probabilities a server reports (OpenAI's logprobs) for the chosen tokens of rows of logits (B, V):
+    those of the distribution after penalties and temperature and before top-k/top-p truncation (vLLM's
+    "processed" logprobs); a greedy row (temperature 0) reports the model's own distribution (temperature 1),
+    since its one-hot sampling distribution says nothing. tokens: B ids. temperature: a scalar or B values.
+    Returns [(logprob of the token, [(id, logprob)] of the `top` most likely tokens, most likely first)] per row.
+    """
+    B = logits.shape[0]
+    t = _as_column(temperature, B, 1.0, torch.float32, logits.device)
+    t = torch.where(t < GREEDY_BELOW_TEMPERATURE, torch.ones_like(t), t)
+    logprobs = torch.log_softmax(logits.float() / t, dim=-1).clamp(min=MIN_REPORTED_LOGPROB)  # (B, V)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).view(B, 1))[:, 0].tolist()
+    if not top:
+        return [(lp, []) for lp in chosen]
+    values, ids = logprobs.topk(top, dim=-1)  # (B, top)
+    return [(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def is_greedy(temperature):

@@ -133,8 +133,16 @@ class RustBPETokenizer:
         # ignored by the loss and attention never lets real tokens see them, so the id's value never matters.
         return self.get_bos_token_id()
 
+    def terminal_token_ids(self):
+        """The tokens that end a reply: <|assistant_end|>, and <|bos|> (a new document, for a base model)."""
+        return {self.encode_special("<|assistant_end|>"), self.get_bos_token_id()}
+
     def id_to_token(self, token_id):
         return self.enc.decode([token_id])
+
+    def token_bytes(self, token_id):
+        """The bytes a token stands for (a special token's name as UTF-8); may be part of a UTF-8 character."""
+        return self.enc.decode_single_token_bytes(token_id)
 
     # ------------------------------------------------------------------ encode / decode
 

@@ -75,7 +75,7 @@ class RowState:
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.terminal = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.terminal = tokenizer.terminal_token_ids()
         self.forced = deque()
         self.expression = None  # token ids between python_start and python_end, while inside
         self.done = False

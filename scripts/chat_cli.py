@@ -64,7 +64,7 @@ class StreamPrinter:
 def reply(engine, prompt_tokens, args, autocast):
     """Stream one reply; returns its tokens (the terminal token excluded)."""
     tokenizer = engine.tokenizer
-    terminal = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    terminal = tokenizer.terminal_token_ids()
     printer = StreamPrinter(tokenizer)
     max_tokens = min(args.max_tokens, engine.context_len - len(prompt_tokens))
     sampling = dict(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -1,6 +1,7 @@
 """Start the real server (python -m scripts.chat_web) on a free loopback port with a tiny checkpoint."""
 
 import atexit
+import json
 import os
 import shutil
 import socket
@@ -120,3 +121,38 @@ class RunningServer:
     def log(self):
         with open(self.log_path) as f:
             return f.read()
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI's schema
+
+def _openapi_to_json_schema(node):
+    """OpenAPI 3.0's `nullable: true` (which the spec still uses in places) as JSON Schema's type: [..., null]."""
+    if isinstance(node, list):
+        return [_openapi_to_json_schema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _openapi_to_json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+def openai_response_validator(name):
+    """
+    A jsonschema validator for one of OpenAI's response objects (tests/data/openai_schemas.json, extracted
+    from the official spec by dev/openai_schemas.py). Where OpenAI's own API departs from its spec, the
+    departure is allowed here, each named: legacy completions stream chunks carry finish_reason null until
+    a choice ends, and echoed logprobs give the prompt's first token a null logprob (nothing predicts it).
+    """
+    import jsonschema
+
+    with open(os.path.join(REPO_ROOT, "tests", "data", "openai_schemas.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    schemas = _openapi_to_json_schema(spec["components"]["schemas"])
+    choice = schemas["CreateCompletionResponse"]["properties"]["choices"]["items"]["properties"]
+    choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
+    logprobs = choice["logprobs"]["anyOf"][0]["properties"]
+    logprobs["token_logprobs"]["items"] = {"type": ["number", "null"]}
+    logprobs["top_logprobs"]["items"] = {"anyOf": [logprobs["top_logprobs"]["items"], {"type": "null"}]}
+    root = {"components": {"schemas": schemas}, "$ref": f"#/components/schemas/{name}"}
+    return jsonschema.Draft202012Validator(root)

@@ -10,8 +10,9 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
-from tests.server_utils import PROMPT, RunningServer, make_chat_checkpoint
+from tests.server_utils import PROMPT, RunningServer, make_chat_checkpoint, openai_response_validator
 
 pytestmark = pytest.mark.slow
 API_KEY = "nc-test-4f9a8b7c6d5e4f3a2b1c"
@@ -27,7 +28,8 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(base_dir):
-    with RunningServer(base_dir[0]) as s:
+    # many tests share this server within a minute: its rate limit is not what they test (keyed_server's is)
+    with RunningServer(base_dir[0], env={"NANOCHAT_RATE_LIMIT_MAX_REQUESTS": "100000"}) as s:
         yield s
 
 
@@ -158,6 +160,8 @@ def test_any_model_name_is_echoed_and_client_shapes_are_accepted(client, server)
     raw = httpx.post(server.url + "/v1/chat/completions", timeout=30,
                      json={"messages": USER, "max_tokens": 2, "request_tag": "a", "ignore_this": 1})
     assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "request_tag, ignore_this"
+    odd = httpx.post(server.url + "/v1/completions", timeout=30, json={"prompt": "a", "max_tokens": 1, "": 1, "é\n": 2})
+    assert odd.status_code == 200 and odd.headers["x-ignored-fields"] == '"", "\\u00e9\\n"'  # a header stays ASCII
     assert raw.json()["choices"][0]["message"]["refusal"] is None
 
 
@@ -182,6 +186,222 @@ def test_continuous_usage_stats_put_usage_in_every_chunk(server):
     assert all("usage" in c for c in chunks) and completion == sorted(completion) and completion[-1] > 0
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == \
         chunks[-1]["usage"]["prompt_tokens"] + completion[-1]
+
+
+def test_chat_logprobs(client, base_dir):
+    """Greedy: each reply token is its position's most likely; the tokens' bytes spell the reply; streamed the same."""
+    r = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 8 and r.choices[0].logprobs.refusal is None
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert bytes(b for entry in content for b in entry.bytes).decode(errors="replace") == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert not client.chat.completions.create(model="m", messages=USER, max_tokens=2).choices[0].logprobs
+
+
+def test_ignore_eos_and_min_tokens(client, base_dir):
+    """With the end of a reply made certain (logit_bias), ignore_eos still runs to max_tokens and min_tokens
+    holds the end back for exactly that many tokens."""
+    end = {str(base_dir[1].encode_special("<|assistant_end|>")): 100}
+    ended = client.chat.completions.create(model="m", messages=USER, max_tokens=10, logit_bias=end)
+    assert ended.usage.completion_tokens == 0 and ended.choices[0].finish_reason == "stop"
+    forced = client.chat.completions.create(model="m", messages=USER, max_tokens=10, logit_bias=end,
+                                            extra_body={"ignore_eos": True})
+    assert forced.usage.completion_tokens == 10 and forced.choices[0].finish_reason == "length"
+    held = client.chat.completions.create(model="m", messages=USER, max_tokens=10, logit_bias=end,
+                                          extra_body={"min_tokens": 4})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+    text = client.completions.create(model="m", prompt="hello", max_tokens=6, logit_bias=end,
+                                     extra_body={"ignore_eos": True})
+    assert text.usage.completion_tokens == 6
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs
+
+# Every string, number and array bounded: the tiny random model would otherwise write one string until
+# max_tokens (a grammar decides what may come, not when a free-form value ends).
+REPLY_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "mood", "tags", "address"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "mood": {"enum": ["happy", "sad", "calm"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "address": {"type": "object", "additionalProperties": False, "required": ["city", "verified"],
+                    "properties": {"city": {"type": "string", "maxLength": 8}, "verified": {"type": "boolean"}}},
+    },
+}
+
+
+def test_50_constrained_replies_parse_and_validate(client):
+    import jsonschema
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY_SCHEMA, "strict": True}}
+    replies = [choice for seed in range(5) for choice in client.chat.completions.create(
+        model="m", messages=USER, response_format=fmt, n=10, seed=seed, temperature=1.0, max_tokens=300).choices]
+    assert len(replies) == 50
+    for choice in replies:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), REPLY_SCHEMA)
+    assert len({choice.message.content for choice in replies}) > 40  # sampled, not one reply repeated
+
+
+def test_structured_outputs_with_the_sdk_parse(client):
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=120)
+        mood: Literal["happy", "sad"]
+        tags: list[Annotated[str, Field(max_length=5)]] = Field(max_length=2)
+
+    r = client.beta.chat.completions.parse(model="m", messages=USER, response_format=Person, temperature=0,
+                                           max_tokens=200)
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and person.mood in ("happy", "sad") and len(person.tags) <= 2
+    fmt = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema() | {
+        "additionalProperties": False}}}
+    whole = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=200,
+                                           response_format=fmt)
+    streamed = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=200, stream=True,
+                                              response_format=fmt)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content and Person.model_validate_json(text)
+
+
+def test_json_mode_and_unconstrained_neighbours(server, client):
+    """json_object gives a JSON object; a constrained row in the batch leaves the other rows' replies as
+    they are alone."""
+    body = {"messages": USER, "max_tokens": 40, "temperature": 0}
+    alone = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            return await asyncio.gather(*[http.post("/v1/chat/completions", json=body | extra) for extra in (
+                {}, {"response_format": {"type": "json_object"}, "max_tokens": 300}, {})])
+    plain, json_mode, plain_again = [r.json() for r in asyncio.run(together())]
+    assert plain["choices"] == alone["choices"] == plain_again["choices"]
+    if json_mode["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(json_mode["choices"][0]["message"]["content"]), dict)
+    else:  # a free-form string still running at max_tokens: what there is begins a JSON object
+        assert json_mode["choices"][0]["message"]["content"].startswith("{")
+
+
+@pytest.mark.parametrize("response_format, message", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}, "frobnicate"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(["}}}, "schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name"),
+])
+def test_bad_schemas_are_400(server, response_format, message):
+    error = error_of(httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "messages": USER, "response_format": response_format}), 400)
+    assert error["param"].startswith("response_format") and message in error["message"]
+    error = error_of(httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "messages": USER, "response_format": {"type": "json_object"}, "ignore_eos": True}), 400)
+    assert error["param"] == "response_format"
+
+
+# ---------------------------------------------------------------------------------------------- text completions
+
+def served_model(base_dir):
+    from nanochat.checkpoint_manager import build_model
+    import os
+    model, _ = build_model(os.path.join(base_dir[0], "chatsft_checkpoints", "d2"), 1, torch.device("cpu"), "eval")
+    return model
+
+
+def test_completions_with_the_sdk(client, base_dir):
+    tokenizer = base_dir[1]
+    r = client.completions.create(model="m", prompt=["the quick", "hello"], n=2, max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "m"
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and all(c.finish_reason == "length" for c in r.choices)
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text  # greedy
+    bos = tokenizer.get_bos_token_id()
+    assert r.usage.prompt_tokens == len(tokenizer.encode("the quick")) + len(tokenizer.encode("hello")) + 2
+    assert r.usage.completion_tokens == 20
+    ids = [bos] + tokenizer.encode("the quick")  # token ids are taken as given: the same prompt
+    same = client.completions.create(model="m", prompt=ids, max_tokens=5, temperature=0)
+    assert same.choices[0].text == r.choices[0].text
+    default = client.completions.create(model="m", prompt="hello", temperature=0)
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+
+
+def test_completions_echo_logprobs_are_the_models(client, base_dir):
+    """echo + logprobs + max_tokens 0 (how lm-eval scores a continuation): the prompt's logprobs are the
+    model's own log-softmax at each position; the chosen token is always among top_logprobs."""
+    from nanochat.common import autocast_context
+    tokenizer = base_dir[1]
+    ids = [tokenizer.get_bos_token_id()] + tokenizer.encode("hello world, how are you today?")
+    r = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == tokenizer.decode(ids) and r.usage.completion_tokens == 0
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    with torch.no_grad(), autocast_context("cpu"):
+        expected = torch.log_softmax(served_model(base_dir)(torch.tensor([ids]))[0, :-1].float(), dim=-1)
+    for i, token in enumerate(ids[1:]):
+        assert lp.token_logprobs[i + 1] == pytest.approx(float(expected[i, token]), abs=2e-2)
+        assert lp.tokens[i + 1] in lp.top_logprobs[i + 1] and len(lp.top_logprobs[i + 1]) in (2, 3)
+    text = client.completions.create(model="m", prompt="hello world", max_tokens=3, echo=True, logprobs=0,
+                                     temperature=0)
+    assert text.choices[0].text.startswith("hello world")  # the BOS the server adds is neither echoed nor scored
+    assert "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+    assert None not in text.choices[0].logprobs.token_logprobs
+
+
+def test_completions_stream_matches_non_stream(client):
+    kwargs = dict(model="m", prompt=["hello", "the quick"], max_tokens=6, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    for choice in whole.choices:
+        parts = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(p.text for p in parts) == choice.text
+        assert [p.finish_reason for p in parts][-1] == choice.finish_reason
+        assert [t for p in parts for t in p.logprobs.tokens] == choice.logprobs.tokens
+        assert [o for p in parts for o in p.logprobs.text_offset] == choice.logprobs.text_offset
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_every_response_shape_validates_against_openai_schema(server):
+    """OpenAI's official schema (tests/data/openai_schemas.json) for chat and text completions, whole and
+    streamed, with and without logprobs, models and errors."""
+    def post(route, body):
+        return httpx.post(server.url + route, json=body, timeout=60)
+
+    def events(route, body):
+        with httpx.stream("POST", server.url + route, json=body | {"stream": True}, timeout=60) as r:
+            return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+    chat, text = {"messages": USER, "max_tokens": 4}, {"prompt": ["hello", "the"], "max_tokens": 4}
+    shapes = {
+        "CreateChatCompletionResponse": [post("/v1/chat/completions", chat | extra).json() for extra in (
+            {}, {"n": 2, "logprobs": True, "top_logprobs": 2})],
+        "CreateChatCompletionStreamResponse": [e for extra in ({}, {"logprobs": True, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}}) for e in events("/v1/chat/completions",
+                                                                                      chat | extra)],
+        "CreateCompletionResponse": [post("/v1/completions", text | extra).json() for extra in (
+            {}, {"echo": True, "logprobs": 2}, {"echo": True, "logprobs": 0, "max_tokens": 0})] + [
+            e for extra in ({}, {"echo": True, "logprobs": 1, "stream_options": {"include_usage": True}})
+            for e in events("/v1/completions", text | extra)],
+        "ListModelsResponse": [httpx.get(server.url + "/v1/models").json()],
+        "Model": [httpx.get(server.url + "/v1/models/sft-d2").json()],
+        "ErrorResponse": [post("/v1/chat/completions", {"messages": []}).json(),
+                          post("/v1/completions", {"prompt": "a", "suffix": "b"}).json(),
+                          httpx.get(server.url + "/v1/models/other").json()],
+    }
+    for name, bodies in shapes.items():
+        validator = openai_response_validator(name)
+        for body in bodies:
+            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(body)]
+            assert not errors, (name, body, errors)
 
 
 # ---------------------------------------------------------------------------------------------- other routes
@@ -250,10 +470,12 @@ def test_request_log_line(server):
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "max_tokens": 100000}, "max_tokens"),
     ({"messages": USER, "n": 0}, "n"),
-    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": USER, "logprobs": "yes"}, "logprobs"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": USER, "min_tokens": 8, "max_tokens": 4}, "min_tokens"),
     ({"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "regex"}}, "response_format.type"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages[0].role"),
@@ -265,6 +487,22 @@ def test_request_log_line(server):
 ])
 def test_bad_requests_are_400(server, body, param):
     error = error_of(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix"),
+    ({"prompt": [1, 2, 99999]}, "prompt"),
+    ({"prompt": [[1], [2, 99999]]}, "prompt[1]"),
+    ({"prompt": [1] * 1024}, "prompt"),  # no room left in the 1024-token context
+    ({"prompt": ["a"] * 20, "n": 2}, "n"),  # 40 rows > the batch
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "temperature": 3}, "temperature"),
+    ({}, "prompt"),
+])
+def test_bad_completion_requests_are_400(server, body, param):
+    error = error_of(httpx.post(server.url + "/v1/completions", json=body, timeout=60), 400)
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
@@ -546,7 +784,8 @@ def wait_for_health(server, **expected):
 def test_shutdown_refuses_queued_at_once_and_ends_running_at_the_deadline(base_dir):
     """SIGTERM used to keep admitting queued work, and a second signal did nothing."""
     import signal
-    with RunningServer(base_dir[0], "--max-batch-size", "2", "--shutdown-timeout", "1") as server:
+    # a short deadline: a fast CPU generates the streams' 1000 tokens in about a second
+    with RunningServer(base_dir[0], "--max-batch-size", "2", "--shutdown-timeout", "0.2") as server:
         streams = [open_stream(server.url) for _ in range(4)]
         wait_for_health(server, running=2, queued=2)
         server.process.send_signal(signal.SIGTERM)

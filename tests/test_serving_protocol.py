@@ -16,10 +16,13 @@ from nanochat.serving.protocol import (
     error_body,
     ignored_fields,
     parse_request,
+    parse_completion_request,
+    resolve_logprobs,
     resolve_max_tokens,
     resolve_penalties,
     resolve_sampling,
     validate_against_config,
+    validate_completion_against_config,
 )
 
 USER = {"role": "user", "content": "hi"}
@@ -81,11 +84,13 @@ def test_harmless_fields_accepted():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logprobs", True), ("top_logprobs", 3),
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logprobs", "yes"), ("top_logprobs", 21),
+    ("top_logprobs", 3),  # without logprobs=true
+    ("response_format", {"type": "grammar"}), ("response_format", {"type": "json_schema"}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logit_bias", {"abc": -100}), ("logit_bias", {"5": 101}), ("logit_bias", {"5": "1"}),
     ("temperature", "0.5"), ("top_k", 1.5), ("stream", "yes"), ("max_tokens", "10"),
-    ("ignore_eos", True), ("min_tokens", 5), ("repetition_penalty", 1.2), ("min_p", 0.1), ("best_of", 2),
+    ("ignore_eos", 1), ("min_tokens", -1), ("repetition_penalty", 1.2), ("min_p", 0.1), ("best_of", 2),
     ("use_beam_search", True), ("stop_token_ids", [3]), ("guided_choice", ["a"]), ("guided_json", {}),
     ("seed", 1.5), ("model", 3), ("tool_choice", 3), ("user", ["u"]), ("stream_options", {"include_usage": True, "extra": 1}),
 ])
@@ -106,12 +111,30 @@ def test_bad_messages_named(body, param):
 
 
 def test_penalties_and_logit_bias_resolved():
-    assert resolve_penalties(parse_request(req(frequency_penalty=0, logit_bias={"3": 0})), 100) is None
-    assert resolve_penalties(parse_request(req(presence_penalty=-2, logit_bias={"3": 5, "7": -100.0})), 100) == {
-        "frequency_penalty": 0.0, "presence_penalty": -2, "logit_bias": {3: 5.0, 7: -100.0}}
+    assert resolve_penalties(parse_request(req(frequency_penalty=0, logit_bias={"3": 0}, min_tokens=0)), 100, 8) is None
+    assert resolve_penalties(parse_request(req(presence_penalty=-2, logit_bias={"3": 5, "7": -100.0})), 100, 8) == {
+        "frequency_penalty": 0.0, "presence_penalty": -2, "logit_bias": {3: 5.0, 7: -100.0}, "min_tokens": 0}
     with pytest.raises(RequestError) as e:
-        resolve_penalties(parse_request(req(logit_bias={"100": 1})), 100)
+        resolve_penalties(parse_request(req(logit_bias={"100": 1})), 100, 8)
     assert e.value.param == "logit_bias" and "vocabulary size 100" in e.value.message
+
+
+def test_ignore_eos_and_min_tokens_resolved():
+    """vLLM's extensions: ignore_eos holds the end back for all max_tokens, min_tokens for that many."""
+    assert resolve_penalties(parse_request(req(ignore_eos=True)), 100, 8)["min_tokens"] == 8
+    assert resolve_penalties(parse_request(req(min_tokens=3)), 100, 8)["min_tokens"] == 3
+    assert resolve_penalties(parse_request(req(ignore_eos=False)), 100, 8) is None
+    with pytest.raises(RequestError) as e:
+        resolve_penalties(parse_request(req(min_tokens=9)), 100, 8)
+    assert e.value.param == "min_tokens" and "exceeds max_tokens (8)" in e.value.message
+
+
+def test_logprobs_resolved():
+    assert resolve_logprobs(parse_request(req())) is None
+    assert resolve_logprobs(parse_request(req(logprobs=False, top_logprobs=0))) is None
+    assert resolve_logprobs(parse_request(req(logprobs=True))) == 0
+    assert resolve_logprobs(parse_request(req(logprobs=True, top_logprobs=5))) == 5
+    assert resolve_logprobs(parse_completion_request({"prompt": "a", "logprobs": 2})) == 2
     assert rejected(req(logit_bias={str(i): 1 for i in range(301)})).param == "logit_bias"
 
 
@@ -226,3 +249,41 @@ def test_response_models_serialize():
     ml = ModelList(data=[ModelCard(id="nanochat-sft", created=1)]).model_dump()
     assert ml == {"object": "list", "data": [{"id": "nanochat-sft", "object": "model", "created": 1,
                                               "owned_by": "nanochat"}]}
+
+
+# ----------------------------------------------------------------------------- text completions
+
+@pytest.mark.parametrize("prompt, prompts", [
+    ("once", ["once"]), (["a", "b"], ["a", "b"]), ([1, 2, 3], [[1, 2, 3]]), ([[1], [2, 3]], [[1], [2, 3]]),
+])
+def test_completion_prompt_shapes(prompt, prompts):
+    assert parse_completion_request({"prompt": prompt}).prompts() == prompts
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"), ({"prompt": [-1]}, "prompt"),
+    ({"prompt": [[1], "a"]}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": "a", "suffix": "b"}, "suffix"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "logprobs": True}, "logprobs"),
+    ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": "a", "best_of": 3}, "best_of"),
+])
+def test_bad_completion_requests_named(fields, param):
+    with pytest.raises(RequestError) as e:
+        parse_completion_request(fields)
+    assert e.value.param == param
+
+
+def test_completion_max_tokens():
+    """OpenAI's default of 16; 0 (score the prompt only) needs echo."""
+    assert resolve_max_tokens(parse_completion_request({"prompt": "a"}), CFG) == 16
+    assert resolve_max_tokens(parse_completion_request({"prompt": "a", "max_tokens": 0, "echo": True}), CFG) == 0
+    with pytest.raises(RequestError) as e:
+        resolve_max_tokens(parse_completion_request({"prompt": "a", "max_tokens": 0}), CFG)
+    assert e.value.param == "max_tokens" and "0 only with echo" in e.value.message
+    parse_completion_request({"prompt": "a", "suffix": "", "logprobs": 0, "n": 2, "stop": ["\n"], "seed": 1})
+
+
+def test_completion_prompt_size_limit():
+    with pytest.raises(RequestError) as e:
+        validate_completion_against_config(parse_completion_request({"prompt": ["x" * 20, "y" * 6]}), CFG)
+    assert e.value.param == "prompt" and "26 > 25" in e.value.message
+    validate_completion_against_config(parse_completion_request({"prompt": [[1] * 100]}), CFG)

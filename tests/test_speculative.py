@@ -112,6 +112,9 @@ class TinyVocabTokenizer:
     def get_pad_token_id(self):
         return 10
 
+    def terminal_token_ids(self):
+        return {10, 11}
+
     def encode(self, text):
         return [int(c) for c in text if c.isdigit()]
 

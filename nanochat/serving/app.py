@@ -4,6 +4,7 @@ The HTTP server: FastAPI routes over the continuous-batching schedulers.
     GET  /                       the chat UI (ui.html with the server's sampling bounds filled in)
     POST /chat/completions       the UI's streaming endpoint
     POST /v1/chat/completions    OpenAI Chat Completions (stream and non-stream)
+    POST /v1/completions         OpenAI's legacy text completions (prompt text or token ids; echo, logprobs)
     GET  /v1/models              the served model
     GET  /v1/models/{model}      its card (404 for other names; chat requests accept any name and echo it)
     POST /v1/batch/completions   several conversations generated together
@@ -18,6 +19,7 @@ server's state from request.app.state.nanochat; responses are built from protoco
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -30,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.grammar import GrammarCompiler
 from nanochat.serving.auth import AuthError, MissingKey, check_api_key
 from nanochat.serving.metrics import ServerMetrics
 from nanochat.serving.origins import OriginGuard
@@ -41,23 +44,33 @@ from nanochat.serving.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
     Delta,
     ErrorResponse,
     ModelCard,
     ModelList,
     RequestError,
     ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     conversation_turns,
     error_body,
     ignored_fields,
     parse_batch_request,
+    parse_completion_request,
     parse_request,
+    resolve_logprobs,
     resolve_max_tokens,
     resolve_penalties,
     resolve_sampling,
     validate_against_config,
+    validate_completion_against_config,
 )
 from nanochat.serving.ratelimit import SlidingWindowRateLimiter, retry_after_header
 from nanochat.serving.tickets import Overloaded, Ticket
@@ -68,7 +81,7 @@ IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
 UI_CONFIG_PLACEHOLDER = "/*__NANOCHAT_UI_CONFIG__*/null"
 MAX_BODY_BYTES = 1 << 20  # far above any request the config limits allow; bigger bodies are refused unread
 DISCONNECT_POLL_SECONDS = 0.5
-GENERATION_ROUTES = ("/v1/chat/completions", "/chat/completions", "/v1/batch/completions")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/chat/completions", "/v1/batch/completions")
 SHED_LOG_SECONDS = 10
 
 
@@ -93,6 +106,11 @@ class ServerState:
         self.page = page  # the chat UI's HTML
         self.context_len = schedulers[0].context_len
         self.max_batch_size = schedulers[0].max_rows
+        self.vocab_size = tokenizer.get_vocab_size()
+        # the tokens that end a reply (the calculator's RowState knows them) and the front's grammar compiler,
+        # which checks response_format schemas before a request is queued
+        self.stop_token_ids = sorted(tokenizer.terminal_token_ids())
+        self.grammars = None
         self.created = int(time.time())
         self.limiter = SlidingWindowRateLimiter(config.rate_limit_max_requests, config.rate_limit_window_seconds)
         self.failed_logins = SlidingWindowRateLimiter(config.max_failed_logins, config.rate_limit_window_seconds)
@@ -187,13 +205,23 @@ def _bad_request(e):
     return APIError(400, e.message, param=e.param, code="invalid_value" if e.param else None)
 
 
+MAX_IGNORED_NAMED = 20
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]+")
+
+
 def _ignored_headers(request_model, route):
-    """Unknown request fields are ignored, named in the log and in a response header (as vLLM does)."""
+    """
+    Unknown request fields are ignored, named in the log and in a response header (as vLLM does). A name
+    that is not plain (letters, digits, _ . [ ] -) is written as a JSON string: a header value must be
+    printable ASCII without edge whitespace. Only the first MAX_IGNORED_NAMED are listed.
+    """
     ignored = ignored_fields(request_model)
     if not ignored:
         return {}
-    logger.warning(f"{route}: ignored unknown field(s) {', '.join(ignored)}")
-    return {IGNORED_FIELDS_HEADER: ", ".join(ignored)}
+    names = ", ".join(name if PLAIN_NAME.fullmatch(name) else json.dumps(name) for name in ignored[:MAX_IGNORED_NAMED])
+    names += f", ... ({len(ignored)} in all)" if len(ignored) > MAX_IGNORED_NAMED else ""
+    logger.warning(f"{route}: ignored unknown field(s) {names}")
+    return {IGNORED_FIELDS_HEADER: names}
 
 
 def _render_prompt(state, messages, param="messages"):
@@ -207,18 +235,74 @@ def _render_prompt(state, messages, param="messages"):
     return prompt
 
 
+def _response_format(state, req):
+    """The request's JSON response_format (None for text), compiled once here so a bad schema is a 400."""
+    fmt = req.response_format.as_dict() if req.response_format else None
+    if fmt is None:
+        return None
+    if req.ignore_eos or req.min_tokens:
+        raise RequestError("ignore_eos and min_tokens cannot be combined with response_format (the reply ends "
+                           "where its JSON does)", "response_format")
+    if state.grammars is None:
+        state.grammars = GrammarCompiler(state.tokenizer, state.stop_token_ids, state.vocab_size)
+    try:
+        state.grammars.compile(fmt)
+    except ValueError as e:
+        raise RequestError(f"response_format: {e}", "response_format") from None
+    return fmt
+
+
 def _prepare_chat(state, body):
-    """Validated request -> (request, prompt tokens, max_tokens, (temperature, top_k, top_p), penalties)."""
+    """Validated request -> (request, prompt tokens, max_tokens, (temperature, top_k, top_p), ticket options)."""
     try:
         req = parse_request(body)
         validate_against_config(req, state.config)
         max_tokens, sampling = resolve_max_tokens(req, state.config), resolve_sampling(req, state.config)
-        penalties = resolve_penalties(req, state.tokenizer.get_vocab_size())
+        options = dict(penalties=resolve_penalties(req, state.vocab_size, max_tokens),
+                       logprobs=resolve_logprobs(req), response_format=_response_format(state, req))
     except RequestError as e:
         raise _bad_request(e) from None
     if req.n > state.max_batch_size:
         raise APIError(400, f"n={req.n} exceeds the server's batch size {state.max_batch_size}", param="n")
-    return req, _render_prompt(state, req.messages), max_tokens, sampling, penalties
+    return req, _render_prompt(state, req.messages), max_tokens, sampling, options
+
+
+def _completion_prompts(state, req, max_tokens):
+    """
+    The prompts as token ids: text is encoded after a BOS (as documents were in pretraining), token ids are
+    taken as they are. Each must leave room for max_tokens >= 1 (with 0, it may fill the context).
+    """
+    prompts = []
+    for i, p in enumerate(req.prompts()):
+        param = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            p = state.tokenizer.encode(p, prepend="<|bos|>")
+        elif max(p) >= state.vocab_size:
+            raise APIError(400, f"{param}: token ids must be below the vocabulary size {state.vocab_size}",
+                           param=param, code="invalid_value")
+        room = 1 if max_tokens else 0
+        if len(p) + room > state.context_len:
+            raise APIError(400, f"{param} is {len(p)} tokens but the model's context is {state.context_len} tokens"
+                           + (", leaving no room for a completion" if room else ""), param=param,
+                           code="context_length_exceeded")
+        prompts.append(p)
+    if len(prompts) * req.n > state.max_batch_size:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} exceed the server's batch size "
+                       f"{state.max_batch_size}", param="n")
+    return prompts
+
+
+def _prepare_completion(state, body):
+    """Validated text completion request -> (request, prompts as token ids, max_tokens, sampling, ticket options)."""
+    try:
+        req = parse_completion_request(body)
+        validate_completion_against_config(req, state.config)
+        max_tokens, sampling = resolve_max_tokens(req, state.config), resolve_sampling(req, state.config)
+        options = dict(penalties=resolve_penalties(req, state.vocab_size, max_tokens), logprobs=req.logprobs,
+                       prompt_logprobs=req.echo and req.logprobs is not None)
+    except RequestError as e:
+        raise _bad_request(e) from None
+    return req, _completion_prompts(state, req, max_tokens), max_tokens, sampling, options
 
 
 def _overloaded(e):
@@ -277,10 +361,11 @@ class Shedder:
             self.refused, self.logged_at = 0, now
 
 
-def _submit(state, prompts, num_samples, max_tokens, sampling, seed, penalties=None):
+def _submit(state, prompts, num_samples, max_tokens, sampling, seed, **options):
+    """options: the Ticket's penalties, logprobs, prompt_logprobs, response_format."""
     if state.draining:  # began while the body was read
         raise _shutting_down()
-    ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed, penalties=penalties)
+    ticket = Ticket(prompts, num_samples, max_tokens, *sampling, seed=seed, **options)
     alive = [s for s in state.schedulers if s.alive] or state.schedulers  # a dead worker answers 503 itself
     scheduler = min(alive, key=lambda s: s.load())  # the least busy replica
     try:
@@ -334,7 +419,11 @@ async def _text_events(ticket, tokenizer, stop, request=None):
             stream = streams[row]
             if stream.stopped:
                 continue
-            if kind == "token":
+            if kind == "logprob":
+                stream.logprobs.append(value)
+            elif kind == "prompt_logprobs":
+                stream.prompt_logprobs = value
+            elif kind == "token":
                 piece, stopped = stream.add(value)
                 if stopped:  # the scheduler drops the row before its next step
                     ticket.scheduler.stop_row(ticket, row)
@@ -425,6 +514,9 @@ def _state_limits(components, config, max_batch_size):
     chat["n"].update(maximum=min(chat["n"]["maximum"], max_batch_size))
     chat["messages"]["maxItems"] = config.max_messages
     components["BatchCompletionRequest"]["properties"].update(sampling)
+    completion = components["CompletionRequest"]["properties"]
+    completion.update(sampling, max_tokens=_number("integer", 0, config.max_tokens_limit))
+    completion["n"].update(maximum=min(completion["n"]["maximum"], max_batch_size))
     components["BatchCompletionRequest"]["properties"]["requests"]["maxItems"] = min(
         components["BatchCompletionRequest"]["properties"]["requests"]["maxItems"], max_batch_size)
     content = components["ChatMessage"]["properties"]["content"]["anyOf"]
@@ -448,6 +540,9 @@ def _openapi_docs(components, config, max_batch_size):
                                    **sse}}} | errors}
     _component_ref(components, ChatCompletionChunk)  # documented for clients; sent as SSE data lines
     ui = body(ChatCompletionRequest) | {"responses": {"200": {"description": "token events", "content": sse}} | errors}
+    completions = body(CompletionRequest) | {"responses": {"200": {"description": "a completion, or chunks of the "
+        "same shape when stream=true", "content": {"application/json": {"schema": _component_ref(
+            components, CompletionResponse)}, **sse}}} | errors}
     batch = body(BatchCompletionRequest) | {"responses": {"200": {"description": "one result per request",
         "content": {"application/json": {"schema": _component_ref(components, BatchCompletionResponse)}}}} | errors}
     models = {"responses": {"200": {"description": "the served model", "content": {"application/json": {
@@ -455,7 +550,7 @@ def _openapi_docs(components, config, max_batch_size):
     model = {"responses": {"200": {"description": "the served model's card", "content": {"application/json": {
         "schema": _component_ref(components, ModelCard)}}}, "401": error, "404": error, "429": error}}
     _state_limits(components, config, max_batch_size)
-    return dict(chat=chat, ui=ui, batch=batch, models=models, model=model)
+    return dict(chat=chat, completions=completions, ui=ui, batch=batch, models=models, model=model)
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -466,10 +561,43 @@ def _usage(prompt_tokens, completion_tokens):
 
 
 def _chunk(state, meta, choices, usage=None):
-    """One SSE event of an OpenAI stream; fields left None (delta's role/content, finish_reason) are omitted."""
+    """
+    One SSE event of an OpenAI chat stream. A delta's unset fields (role, content) are left out;
+    finish_reason and logprobs stay, null until set, as OpenAI's schema requires; usage only when given.
+    """
     chunk = ChatCompletionChunk(id=meta["request_id"], created=meta["created"], model=meta["model"],
-                                choices=choices, usage=usage)
-    return _sse(chunk.model_dump_json(exclude_none=True))
+                                choices=choices, usage=usage).model_dump(exclude={"usage"} if usage is None else None)
+    for choice in chunk["choices"]:
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return _sse(json.dumps(chunk, ensure_ascii=False, separators=(",", ":")))
+
+
+def _top(tokenizer, token, logprob):
+    return TopLogprob(token=tokenizer.decode([token]), logprob=logprob, bytes=list(tokenizer.token_bytes(token)))
+
+
+def _chat_logprobs(tokenizer, entries):
+    """(token, logprob, [(id, logprob)]) entries -> chat's choices[].logprobs."""
+    return ChoiceLogprobs(content=[TokenLogprob(**_top(tokenizer, token, lp).model_dump(),
+                                                top_logprobs=[_top(tokenizer, i, v) for i, v in top])
+                                   for token, lp, top in entries])
+
+
+def _completion_logprobs(tokenizer, entries, offset=0):
+    """
+    (token, logprob or None, [(id, logprob)] or None) entries -> (legacy completions' logprobs, the text offset
+    after them). Offsets count characters of the choice's text; as OpenAI does, the chosen token is always
+    among a position's top_logprobs.
+    """
+    tokens, offsets, tops = [], [], []
+    for token, lp, top in entries:
+        text = tokenizer.decode([token])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        tops.append(None if top is None else {tokenizer.decode([i]): v for i, v in [*top, (token, lp)]})
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries], top_logprobs=tops,
+                              text_offset=offsets), offset
 
 
 def _error_event(e):
@@ -496,24 +624,30 @@ async def _complete(state, ticket, stop, meta, request):
 async def _openai_stream(state, ticket, req, meta):
     status, finishes = 200, set()
     options = req.stream_options
+    sent = [0] * ticket.num_rows  # logprob entries already sent per row
 
     def usage():
         return _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
 
-    def chunk(choice):  # continuous_usage_stats (vLLM's extension): the usage so far in every chunk
+    def chunk(row, delta, finish=None):  # continuous_usage_stats (vLLM's extension): the usage so far in every chunk
+        logprobs = None
+        if req.logprobs and ticket.streams:  # the tokens since this row's last chunk, whether their text is out or not
+            entries, sent[row] = ticket.streams[row].logprobs[sent[row]:], len(ticket.streams[row].logprobs)
+            logprobs = _chat_logprobs(state.tokenizer, entries)
+        choice = ChunkChoice(index=row, delta=delta, finish_reason=finish, logprobs=logprobs)
         return _chunk(state, meta, [choice], usage() if options and options.continuous_usage_stats else None)
 
     try:
         for i in range(ticket.num_rows):
-            yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+            yield chunk(i, Delta(role="assistant", content=""))
         async for updates in _text_events(ticket, state.tokenizer, _stop_list(req.stop)):
             out = []
             for row, piece, finish in updates:
                 if piece:
-                    out.append(chunk(ChunkChoice(index=row, delta=Delta(content=piece))))
+                    out.append(chunk(row, Delta(content=piece)))
                 if finish:
                     finishes.add(finish)
-                    out.append(chunk(ChunkChoice(index=row, delta=Delta(), finish_reason=finish)))
+                    out.append(chunk(row, Delta(), finish))
             if out:
                 yield "".join(out)  # several SSE events in one write
         if options and options.include_usage:
@@ -600,17 +734,101 @@ async def chat_completions(request: Request):
     """POST /v1/chat/completions: OpenAI's Chat Completions, streamed (SSE) or whole."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
-    req, prompt, max_tokens, sampling, penalties = _prepare_chat(state, await _read_json(state, request))
-    ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed, penalties)
+    req, prompt, max_tokens, sampling, options = _prepare_chat(state, await _read_json(state, request))
+    ticket = _submit(state, [prompt], req.n, max_tokens, sampling, req.seed, **options)
     meta = _meta("/v1/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
     headers = _ignored_headers(req, meta["route"])
     if req.stream:
         return TicketStreamingResponse(_openai_stream(state, ticket, req, meta), ticket, headers)
     texts, finishes = await _complete(state, ticket, req.stop, meta, request)
+    logprobs = [_chat_logprobs(state.tokenizer, s.logprobs) if req.logprobs else None for s in ticket.streams]
     return JSONResponse(ChatCompletionResponse(
         id=meta["request_id"], created=meta["created"], model=meta["model"],
-        choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=finish)
-                 for i, (text, finish) in enumerate(zip(texts, finishes))],
+        choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=finish, logprobs=lp)
+                 for i, (text, finish, lp) in enumerate(zip(texts, finishes, logprobs))],
+        usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))).model_dump(), headers=headers)
+
+
+def _completion_choices(state, req, ticket, prompts, texts, finishes):
+    """Each row's choice; with echo its prompt comes first (text as sent, and its tokens' logprobs)."""
+    choices = []
+    for row, (text, finish, stream) in enumerate(zip(texts, finishes, ticket.streams)):
+        prompt_text, entries = _echo(state, req, prompts, row, stream)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, _ = _completion_logprobs(state.tokenizer, entries + stream.logprobs)
+        choices.append(CompletionChoice(index=row, text=prompt_text + text, logprobs=logprobs, finish_reason=finish))
+    return choices
+
+
+def _echo(state, req, prompts, row, stream):
+    """(the echoed prompt text, its logprob entries): empty without echo. A BOS the server put before a text
+    prompt is neither echoed nor scored."""
+    if not req.echo:
+        return "", []
+    given = req.prompts()[row // req.n]
+    entries = stream.prompt_logprobs or []
+    if isinstance(given, str):
+        return given, entries[1:]
+    return state.tokenizer.decode(prompts[row // req.n]), entries
+
+
+async def _completion_stream(state, ticket, req, prompts, meta):
+    """Legacy completions streamed: chunks of the response's own shape, one choice each, then [DONE]."""
+    status, finishes = 200, set()
+    options = req.stream_options
+    sent, offsets, echoed = [0] * ticket.num_rows, [0] * ticket.num_rows, [False] * ticket.num_rows
+
+    def chunk(row, piece, finish):
+        stream, prefix, entries = ticket.streams[row], "", []
+        if not echoed[row]:  # echo: the prompt goes out with the row's first chunk
+            echoed[row] = True
+            prefix, entries = _echo(state, req, prompts, row, stream)
+        entries, sent[row] = entries + stream.logprobs[sent[row]:], len(stream.logprobs)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, offsets[row] = _completion_logprobs(state.tokenizer, entries, offsets[row])
+        usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams)) \
+            if options and options.continuous_usage_stats else None
+        response = CompletionResponse(id=meta["request_id"], created=meta["created"], model=meta["model"], usage=usage,
+                                      choices=[CompletionChoice(index=row, text=prefix + piece, logprobs=logprobs,
+                                                                finish_reason=finish)])
+        return _sse(response.model_dump_json(exclude={"usage"} if usage is None else None))
+
+    try:
+        async for updates in _text_events(ticket, state.tokenizer, _stop_list(req.stop)):
+            out = []
+            for row, piece, finish in updates:
+                out.append(chunk(row, piece, finish))
+                finishes.add(finish)
+            yield "".join(out)
+        if options and options.include_usage:
+            usage = _usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))
+            yield _sse(CompletionResponse(id=meta["request_id"], created=meta["created"], model=meta["model"],
+                                          choices=[], usage=usage).model_dump_json())
+        yield _sse("[DONE]")
+    except GenerationFailed as e:
+        status = 503
+        yield _error_event(e)
+    finally:
+        finishes.discard(None)
+        _finish(state, ticket, meta, status if finishes or status != 200 else 499, ",".join(sorted(finishes)))
+
+
+async def completions(request: Request):
+    """POST /v1/completions: OpenAI's legacy text completions (prompts continued as they are), streamed or whole."""
+    state, arrived = request.app.state.nanochat, time.monotonic()
+    caller = _authorize(state, request)
+    req, prompts, max_tokens, sampling, options = _prepare_completion(state, await _read_json(state, request))
+    ticket = _submit(state, prompts, req.n, max_tokens, sampling, req.seed, **options)
+    meta = _meta("/v1/completions", caller, arrived, "cmpl", sum(map(len, prompts)), req.model or state.model_name)
+    headers = _ignored_headers(req, meta["route"])
+    if req.stream:
+        return TicketStreamingResponse(_completion_stream(state, ticket, req, prompts, meta), ticket, headers)
+    texts, finishes = await _complete(state, ticket, req.stop, meta, request)
+    return JSONResponse(CompletionResponse(
+        id=meta["request_id"], created=meta["created"], model=meta["model"],
+        choices=_completion_choices(state, req, ticket, prompts, texts, finishes),
         usage=_usage(meta["prompt_tokens"], sum(s.num_tokens for s in ticket.streams))).model_dump(), headers=headers)
 
 
@@ -618,11 +836,11 @@ async def ui_chat_completions(request: Request):
     """POST /chat/completions: the chat UI's stream of one reply."""
     state, arrived = request.app.state.nanochat, time.monotonic()
     caller = _authorize(state, request)
-    req, prompt, max_tokens, sampling, penalties = _prepare_chat(state, await _read_json(state, request))
+    req, prompt, max_tokens, sampling, options = _prepare_chat(state, await _read_json(state, request))
     if req.n != 1:  # its token events carry no row: replies would interleave
         raise APIError(400, "the UI route streams one reply: n must be 1 (use /v1/chat/completions for more)",
                        param="n", code="invalid_value")
-    ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed, penalties)
+    ticket = _submit(state, [prompt], 1, max_tokens, sampling, req.seed, **options)
     meta = _meta("/chat/completions", caller, arrived, "chatcmpl", len(prompt), req.model or state.model_name)
     return TicketStreamingResponse(_ui_stream(state, ticket, req, meta), ticket, _ignored_headers(req, meta["route"]))
 
@@ -731,6 +949,7 @@ def create_app(schedulers, tokenizer, config, model_name, ui_html=None, bound_ho
     app.add_api_route("/v1/models", list_models, methods=["GET"], openapi_extra=docs["models"])
     app.add_api_route("/v1/models/{model}", retrieve_model, methods=["GET"], openapi_extra=docs["model"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], openapi_extra=docs["chat"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], openapi_extra=docs["completions"])
     app.add_api_route("/chat/completions", ui_chat_completions, methods=["POST"], openapi_extra=docs["ui"])
     app.add_api_route("/v1/batch/completions", batch_completions, methods=["POST"], openapi_extra=docs["batch"])
     app.add_exception_handler(APIError, api_error)

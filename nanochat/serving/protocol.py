@@ -20,6 +20,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from nanochat.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, validate_sampling_params
@@ -30,6 +31,7 @@ MAX_STOP_SEQUENCES = 4
 # bounded here, so four huge stops x n rows cannot stall the event loop.
 MAX_STOP_CHARS = 256
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (5 for completions; we allow 20 for both)
 
 
 class RequestError(ValueError):
@@ -112,8 +114,6 @@ STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 STOP_SCHEMA = {"anyOf": [STOP_STRING, {"type": "array", "items": STOP_STRING, "maxItems": MAX_STOP_SEQUENCES},
                          {"type": "null"}]}
 ZERO_ONLY = {"anyOf": [{"const": 0}, {"type": "null"}]}
-TEXT_FORMAT_ONLY = {"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
-                               "additionalProperties": False}, {"type": "null"}]}
 NO_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]}
 MAX_LOGIT_BIAS_TOKENS = 300
 LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "object", "maxProperties": MAX_LOGIT_BIAS_TOKENS,
@@ -137,14 +137,13 @@ def _check_stop_value(value):
     return value
 
 
-class ChatCompletionRequest(_Lenient):
+class _GenerationRequest(_Lenient):
+    """What chat and text completions share: sampling, stop sequences, penalties, streaming."""
     model: StrictStr | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
     top_k: StrictInt | None = None  # extension; not in OpenAI's API
     max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
@@ -155,22 +154,11 @@ class ChatCompletionRequest(_Lenient):
     frequency_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, StrictFloat] | None = Field(None, json_schema_extra=LOGIT_BIAS_SCHEMA)
-    # Accepted only in their no-op values (see the validators below).
-    logprobs: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
-    top_logprobs: StrictInt | None = Field(None, json_schema_extra=ZERO_ONLY)
-    response_format: dict[str, Any] | None = Field(None, json_schema_extra=TEXT_FORMAT_ONLY)
-    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
-    tool_choice: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
-    parallel_tool_calls: StrictBool | None = None
-    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
-    function_call: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
-    store: StrictBool | None = None
-    metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
-    service_tier: StrictStr | None = None
-    # vLLM's sampling extensions that benchmark and eval tools send: known, so that a value that would
-    # change the result is a 400 instead of an ignored unknown field; accepted in their no-op values
-    ignore_eos: StrictBool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
-    min_tokens: StrictInt | None = Field(None, json_schema_extra=ZERO_ONLY)
+    # vLLM's extensions that benchmark and eval tools send: ignore_eos (the reply runs to max_tokens) and
+    # min_tokens (no end before that many tokens) are implemented; the rest are known so that a value that
+    # would change the result is a 400 instead of an ignored unknown field, and accepted in no-op values.
+    ignore_eos: StrictBool | None = None
+    min_tokens: StrictInt | None = Field(None, ge=0)
     repetition_penalty: StrictFloat | None = Field(None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})
     min_p: StrictFloat | None = Field(None, json_schema_extra=ZERO_ONLY)
     best_of: StrictInt | None = Field(None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})
@@ -186,33 +174,6 @@ class ChatCompletionRequest(_Lenient):
     def _check_stop(cls, value):
         return _check_stop_value(value)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        return value if value is None else _must_be(value, [False], "logprobs")
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value):
-        return value if value is None else _must_be(value, [0], "top_logprobs")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value):
-        return value if value is None else _must_be(value, [{"type": "text"}], "response_format")
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} are not supported (would change the result); send none")
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value, info):
-        return value if value is None else _must_be(value, ["none", "auto"], info.field_name)
-
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, value):
@@ -227,12 +188,12 @@ class ChatCompletionRequest(_Lenient):
                 raise ValueError(f"biases must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}, got {bias}")
         return value
 
-    @field_validator("ignore_eos", "use_beam_search")
+    @field_validator("use_beam_search")
     @classmethod
     def _false_only(cls, value, info):
         return value if value is None else _must_be(value, [False], info.field_name)
 
-    @field_validator("min_tokens", "min_p")
+    @field_validator("min_p")
     @classmethod
     def _zero_only(cls, value, info):
         return value if value is None else _must_be(value, [0], info.field_name)
@@ -253,8 +214,111 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _no_guided_decoding(cls, value, info):
         if value is not None:
-            raise ValueError(f"{info.field_name} (guided decoding) is not supported (would change the result)")
+            raise ValueError(f"{info.field_name} (guided decoding) is not supported (would change the result); "
+                             "use response_format")
         return value
+
+
+class JsonSchemaFormat(_Model):
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} = any JSON value
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Model):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON matching a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+    def as_dict(self):
+        """None for text; else the JSON form nanochat/grammar.py compiles (and a Ticket carries)."""
+        return None if self.type == "text" else self.model_dump(by_alias=True, exclude_none=True)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    # logprobs of each reply token, with top_logprobs alternatives (sampling.token_logprobs)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # structured outputs: replies constrained to JSON (nanochat/grammar.py); the schema is checked by the app
+    response_format: ResponseFormat | None = None
+    # Accepted only in their no-op values (see the validators below).
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: StrictStr | dict[str, Any] | None = Field(None, json_schema_extra=NO_TOOL_CHOICE)
+    store: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None  # only stored by OpenAI; harmless to drop
+    service_tier: StrictStr | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} are not supported (would change the result); send none")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value, info):
+        return value if value is None else _must_be(value, ["none", "auto"], info.field_name)
+
+
+TokenIds = list[StrictInt]
+
+
+class CompletionRequest(_GenerationRequest):
+    """OpenAI's legacy text completions: a prompt (text or token ids, one or several) continued as it is."""
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+         "minItems": 1}]})
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # how many alternatives per token
+    suffix: StrictStr | None = Field(None, json_schema_extra={"anyOf": [{"const": ""}, {"type": "null"}]})
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_not_empty(cls, value):
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and any(isinstance(p, int) and p < 0 for p in value):
+            raise ValueError("token ids must be >= 0")
+        if isinstance(value, list) and any(isinstance(p, list) and min(p) < 0 for p in value):
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (insertion) is not supported (would change the result); send null")
+        return value
+
+    def prompts(self):
+        """The prompt as a list of prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 UNION_TAGS = {"str", "int", "float", "bool"}  # pydantic adds the failing union member's type to the loc
@@ -287,10 +351,15 @@ def parse_request(body):
     return _validate(ChatCompletionRequest, body)
 
 
+def parse_completion_request(body):
+    """dict -> CompletionRequest, or RequestError naming the first bad field."""
+    return _validate(CompletionRequest, body)
+
+
 def ignored_fields(request):
     """The unknown fields a request carried, in OpenAI's param style: ['ignore_this', 'messages[0].x']."""
     names = list(request.model_extra or {})
-    for i, message in enumerate(request.messages):
+    for i, message in enumerate(getattr(request, "messages", [])):
         names += [f"messages[{i}].{name}" for name in message.model_extra or {}]
     return names
 
@@ -313,16 +382,25 @@ def conversation_turns(messages):
 
 # ----------------------------------------------------------------------------- checks against server config
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
 def resolve_max_tokens(request, config):
-    """max_completion_tokens (current OpenAI name) wins over the deprecated max_tokens; both set must agree."""
-    a, b = request.max_completion_tokens, request.max_tokens
+    """
+    max_completion_tokens (current OpenAI name) wins over the deprecated max_tokens; both set must agree.
+    Text completions default to OpenAI's 16 tokens and allow 0 with echo (score the prompt only).
+    """
+    a, b = getattr(request, "max_completion_tokens", None), request.max_tokens
     if a is not None and b is not None and a != b:
         raise RequestError("max_tokens and max_completion_tokens disagree; send one", "max_tokens")
     param, value = ("max_completion_tokens", a) if a is not None else ("max_tokens", b)
     if value is None:
-        return config.default_max_tokens
-    if not 1 <= value <= config.max_tokens_limit:
-        raise RequestError(f"{param} must be between 1 and {config.max_tokens_limit}, got {value}", param)
+        return COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(request, CompletionRequest) else config.default_max_tokens
+    lowest = 0 if getattr(request, "echo", False) else 1
+    if not lowest <= value <= config.max_tokens_limit:
+        raise RequestError(f"{param} must be between {lowest} and {config.max_tokens_limit}, got {value}"
+                           + (" (0 only with echo)" if isinstance(request, CompletionRequest) and value == 0 else ""),
+                           param)
     return value
 
 
@@ -343,15 +421,29 @@ def resolve_sampling(request, config):
     return t, k, p
 
 
-def resolve_penalties(request, vocab_size):
-    """sampling.penalize_logits' keyword arguments for this request, or None when nothing would change."""
+def resolve_penalties(request, vocab_size, max_tokens):
+    """
+    sampling.penalize_logits' keyword arguments for this request (eos_ids aside: the scheduler knows them),
+    or None when nothing would change. ignore_eos holds the end back for the whole reply (max_tokens).
+    """
     bias = {int(token): float(b) for token, b in (request.logit_bias or {}).items() if b}
     if any(token >= vocab_size for token in bias):
         raise RequestError(f"logit_bias: token ids must be below the vocabulary size {vocab_size}", "logit_bias")
+    if request.min_tokens and request.min_tokens > max_tokens:
+        raise RequestError(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
     frequency, presence = request.frequency_penalty or 0.0, request.presence_penalty or 0.0
-    if not (frequency or presence or bias):
+    min_tokens = max_tokens if request.ignore_eos else request.min_tokens or 0
+    if not (frequency or presence or bias or min_tokens):
         return None
-    return {"frequency_penalty": frequency, "presence_penalty": presence, "logit_bias": bias or None}
+    return {"frequency_penalty": frequency, "presence_penalty": presence, "logit_bias": bias or None,
+            "min_tokens": min_tokens}
+
+
+def resolve_logprobs(request):
+    """How many alternatives to report with each token's logprob, or None for no logprobs."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def _check_conversation(messages):
@@ -388,6 +480,16 @@ def validate_against_config(request, config):
     _check_conversation(msgs)
 
 
+def validate_completion_against_config(request, config):
+    """The text prompts' size (token-id prompts are checked against the model by the app); raises RequestError."""
+    texts = [p for p in request.prompts() if isinstance(p, str)]
+    total = sum(map(len, texts))
+    if total > config.max_total_chars:
+        raise RequestError(f"prompt is too long: {total} > {config.max_total_chars} characters", "prompt")
+    resolve_max_tokens(request, config)
+    resolve_sampling(request, config)
+
+
 # ----------------------------------------------------------------------------- responses
 
 class Usage(_Model):
@@ -402,11 +504,29 @@ class ResponseMessage(_Model):
     refusal: None = None  # required by OpenAI's schema; this server never refuses in-band
 
 
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(_Model):
     index: int
     message: ResponseMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(_Model):
@@ -427,7 +547,7 @@ class ChunkChoice(_Model):
     index: int
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Model):
@@ -437,6 +557,31 @@ class ChatCompletionChunk(_Model):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None  # only on the final chunk, when stream_options.include_usage
+
+
+class CompletionLogprobs(_Model):
+    """Legacy completions' logprobs: one entry per token; with echo the prompt's first token has no logprob."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None  # None in the stream chunks before a choice's last
+
+
+class CompletionResponse(_Model):
+    """Both the response and each stream chunk (OpenAI's legacy completions use one shape for both)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None  # in a stream only on the last chunk, with stream_options.include_usage
 
 
 class ModelCard(_Model):

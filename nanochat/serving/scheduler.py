@@ -42,9 +42,10 @@ import torch
 
 from nanochat.common import autocast_context
 from nanochat.engine import Engine
+from nanochat.grammar import GrammarCompiler, Matcher, mask_rows_
 from nanochat.kv_cache import KVCache
 from nanochat.tools import RowState
-from nanochat.sampling import penalize_logits, process_logits, sample_from_probs
+from nanochat.sampling import penalize_logits, process_logits, sample_from_probs, token_logprobs
 from nanochat.serving.prefix_cache import PrefixCache
 from nanochat.serving.tickets import Overloaded, count_queued
 
@@ -70,6 +71,7 @@ class Sequence:
         self.slot, self.cached = None, 0
         self.leader = None  # an earlier sample of the same prompt whose prefilled slot this one copies
         self.speculative = None  # the engine's token iterator while this sequence runs alone
+        self.matcher = None  # its grammar's state when the request constrains the reply (nanochat/grammar.py)
 
     def context(self):
         return self.prompt + self.generated
@@ -110,6 +112,7 @@ class Scheduler:
         self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(7), "little"))
         self.seconds_per_request = 2.0  # running average, for Retry-After
         self.counters = dict(decode_steps=0, prefill_tokens=0, generated_tokens=0, drafted=0, accepted=0)
+        self.grammars = None  # nanochat.grammar.GrammarCompiler, made when the first request needs one
         self.prefix_cache = PrefixCache(self.kv_cache, max_batch_size, prefix_cache_rows, self.counters)
         self._cond = threading.Condition()
         self._stopping = False
@@ -230,7 +233,7 @@ class Scheduler:
 
     def _step(self):
         self._finish([s for s in self.running + self.prefilling if s.dropped()])
-        self._admit()
+        self._start(self._admit())
         solo = self.solo
         if solo is not None and (self.waiting or self.rows_in_use() > 1):  # someone else arrived: rejoin
             self._end_speculation(solo)
@@ -252,7 +255,11 @@ class Scheduler:
             self._fail({s.ticket for s in sequences}, f"generation failed: {type(e).__name__}")
 
     def _admit(self):
-        """Waiting tickets -> prefilling sequences, first come first served, while rows and request slots last."""
+        """
+        Waiting tickets -> prefilling sequences, first come first served, while rows and request slots last.
+        Returns the admitted tickets.
+        """
+        admitted = []
         with self._cond:
             while self.waiting:
                 ticket = self.waiting[0]
@@ -261,7 +268,7 @@ class Scheduler:
                     continue
                 if (self.rows_in_use() + ticket.num_rows > self.max_rows
                         or len(self.running_tickets) >= self.max_running_requests):
-                    return
+                    return admitted
                 self.waiting.popleft()
                 self.running_tickets.add(ticket)
                 ticket.started_at = time.monotonic()
@@ -272,6 +279,45 @@ class Scheduler:
                     if seq.index % ticket.num_samples:  # later samples copy the first one's prefill
                         seq.leader = ticket.sequences[seq.index - seq.index % ticket.num_samples]
                 self.prefilling += ticket.sequences
+                admitted.append(ticket)
+        return admitted
+
+    def _start(self, tickets):
+        """
+        What an admitted ticket needs before its prefill: a grammar state per row, its prompts' logprobs
+        (completions' echo). A ticket asking for no new tokens is done after that. One that fails fails alone.
+        """
+        for ticket in tickets:
+            if ticket.response_format is not None or ticket.prompt_logprobs:
+                self._guarded(ticket.sequences, self._prepare, ticket)
+            if ticket.max_tokens == 0 and not ticket.cancelled and ticket in self.running_tickets:
+                self.outbox[ticket] += [("finish", seq.index, "length") for seq in ticket.sequences]
+                self._finish(ticket.sequences)
+
+    def _prepare(self, ticket):
+        if ticket.response_format is not None:
+            if self.grammars is None:
+                self.grammars = GrammarCompiler(self.tokenizer, sorted(self.tokenizer.terminal_token_ids()),
+                                                self.model.config.vocab_size)
+            compiled = self.grammars.compile(ticket.response_format)
+            for seq in ticket.sequences:
+                seq.matcher = Matcher(compiled)
+        if ticket.prompt_logprobs:
+            for i, prompt in enumerate(ticket.prompts):
+                scored = self._score_prompt(prompt, ticket.logprobs or 0)
+                for seq in ticket.sequences[i * ticket.num_samples:(i + 1) * ticket.num_samples]:
+                    self.outbox[ticket].append(("prompt_logprobs", seq.index, scored))
+
+    def _score_prompt(self, prompt, top):
+        """
+        [(token, logprob, top alternatives)] for each prompt token under the model's own distribution; the
+        first token has (token, None, None): nothing predicts it. One forward over the whole prompt.
+        """
+        scored = []
+        if len(prompt) > 1:
+            logits = self.model(torch.tensor([prompt], dtype=torch.long, device=self.device))[0, :-1]  # (T - 1, V)
+            scored = token_logprobs(logits, prompt[1:], 1.0, top)
+        return [(prompt[0], None, None)] + [(token, lp, alt) for token, (lp, alt) in zip(prompt[1:], scored)]
 
     # ------------------------------------------------------------------ prefill
 
@@ -378,15 +424,20 @@ class Scheduler:
 
     def _sample_and_emit(self, sequences, logits):
         """One token per sequence with its request's settings; a sequence that cannot be sampled fails alone."""
-        tokens = self._sample(sequences, logits)
+        logits, tokens = self._sample(sequences, logits)
         failed, finished = {}, []  # failed: ticket -> error message
-        for seq, token in zip(sequences, tokens):
+        for j, (seq, token) in enumerate(zip(sequences, tokens)):
             if seq.ticket in failed:
                 continue
             try:
                 if token is None:
                     raise RuntimeError("sampling failed")
                 token, _ = seq.tool.next(token)  # the calculator may replace it with forced output
+                if seq.ticket.logprobs is not None:
+                    (lp, top), = token_logprobs(logits[j:j + 1], [token], seq.ticket.temperature, seq.ticket.logprobs)
+                    self.outbox[seq.ticket].append(("logprob", seq.index, (token, lp, top)))
+                if seq.matcher is not None:
+                    seq.matcher.accept(token)
                 if self._emit(seq, token):
                     finished.append(seq)
             except Exception as e:
@@ -397,22 +448,39 @@ class Scheduler:
             self._fail({ticket}, message)
 
     def _sample(self, sequences, logits):
-        """Sampled token ids, None for a sequence whose sampling raised (every other one still gets its token)."""
+        """
+        (the logits the rows sampled from, the token ids): None for a sequence whose sampling raised (every
+        other one still gets its token).
+        """
         try:
-            return self._sample_rows(sequences, logits)
+            logits = self._adjust(sequences, logits)
+            return logits, self._sample_rows(sequences, logits)
         except Exception:  # find the culprit(s): sample each sequence on its own
-            tokens = []
+            rows, tokens = [], []
             for j, seq in enumerate(sequences):
                 try:
-                    tokens += self._sample_rows([seq], logits[j:j + 1])
+                    row = self._adjust([seq], logits[j:j + 1])
+                    tokens += self._sample_rows([seq], row)
                 except Exception:
+                    row = logits[j:j + 1].float()
                     tokens.append(None)
-            return tokens
+                rows.append(row)
+            return torch.cat(rows), tokens
+
+    def _adjust(self, sequences, logits):
+        """Each row's penalties / logit_bias / min_tokens, then its grammar's mask: (B, V) float32."""
+        penalized = any(s.ticket.penalties for s in sequences)
+        constrained = any(s.matcher is not None for s in sequences)
+        if not (penalized or constrained):
+            return logits
+        if penalized:
+            logits = torch.stack([penalize_logits(row, s.generated, eos_ids=s.tool.terminal, **s.ticket.penalties)
+                                  if s.ticket.penalties else row.float() for s, row in zip(sequences, logits)])
+        else:
+            logits = logits.float().clone()
+        return mask_rows_(logits, [s.matcher for s in sequences]) if constrained else logits
 
     def _sample_rows(self, sequences, logits):
-        if any(s.ticket.penalties for s in sequences):  # OpenAI's penalties / logit_bias, row by row
-            logits = torch.stack([penalize_logits(row, s.generated, **s.ticket.penalties) if s.ticket.penalties
-                                  else row.float() for s, row in zip(sequences, logits)])
         settings = [(s.ticket.temperature, s.ticket.top_k, s.ticket.top_p) for s in sequences]
         if len(set(settings)) == 1:
             probs = process_logits(logits, *settings[0])
@@ -498,8 +566,8 @@ class Scheduler:
         if not self.speculative_proposals or self.waiting:
             return False
         sequences = self.running + self.prefilling
-        # the speculative engine samples without penalties: such a request decodes plainly
-        return len(sequences) == 1 and sequences[0].ticket.num_rows == 1 and not sequences[0].ticket.penalties
+        # the speculative engine samples from plain logits: penalties, logprobs and grammars decode plainly
+        return len(sequences) == 1 and sequences[0].ticket.num_rows == 1 and not sequences[0].ticket.needs_logits
 
     def _speculative_step(self):
         seq = (self.running + self.prefilling)[0]

@@ -20,6 +20,9 @@ class TextStream:
         self.searched = 0  # stop sequences cannot start before this index
         self.num_tokens = 0
         self.stopped = False
+        # when the request asked for logprobs: (token, logprob, [(id, logprob)]) per token fed, and the
+        # prompt's [(token, None, None), (token, logprob, top), ...] (the scheduler's logprob events; the app formats them)
+        self.logprobs, self.prompt_logprobs = [], None
 
     def add(self, token):
         """Feed one token; returns (piece of text to send now, whether a stop sequence matched)."""

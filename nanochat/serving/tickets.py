@@ -28,11 +28,17 @@ class Ticket:
     """
 
     def __init__(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed=None, penalties=None,
-                 loop=None):
+                 logprobs=None, prompt_logprobs=False, response_format=None, loop=None):
         self.prompts, self.num_samples, self.max_tokens = prompts, num_samples, max_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        # None, or sampling.penalize_logits' keyword arguments: frequency_penalty, presence_penalty, logit_bias
+        # None, or sampling.penalize_logits' keyword arguments: frequency_penalty, presence_penalty, logit_bias,
+        # min_tokens
         self.penalties = penalties
+        # None, or how many alternatives to report with each generated token's logprob: ("logprob", row,
+        # (token, logprob, [(id, logprob)])) before its token event; with prompt_logprobs the prompt's too,
+        # in one ("prompt_logprobs", row, [(token, None, None), (token, logprob, top), ...]) event first
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        self.response_format = response_format  # None, or OpenAI's JSON response_format (nanochat/grammar.py)
         self.seed = None if seed is None else seed % 2**63  # any JSON integer -> a valid torch seed
         self.num_rows = len(prompts) * num_samples
         self.loop = loop  # where events are delivered: the running loop when created by the HTTP side
@@ -51,6 +57,18 @@ class Ticket:
         self.streams = []  # the HTTP side's TextStreams, one per row
         self.scheduler = None  # the replica it was submitted to
         self.sequences = []  # that replica's Sequence per row (serving/scheduler.py)
+
+    def spec(self):
+        """The arguments that recreate this ticket in another process (serving/workers.py)."""
+        return dict(prompts=self.prompts, num_samples=self.num_samples, max_tokens=self.max_tokens,
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                    penalties=self.penalties, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                    response_format=self.response_format)
+
+    @property
+    def needs_logits(self):
+        """Its rows need every step's logits (penalties, logprobs, a grammar): no speculative decoding."""
+        return bool(self.penalties or self.logprobs is not None or self.response_format)
 
     def cancel(self):
         self.cancelled = True

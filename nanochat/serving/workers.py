@@ -8,7 +8,7 @@ The front's WorkerReplica offers what the app uses of a Scheduler (submit, cance
 end_running, load, queued, rows_in_use, counters, speculative_counts) and decides admission itself, with the scheduler's
 rule (tickets.count_queued) over the tickets it has outstanding, so a full replica is a 503 before any
 response starts. Messages (pickled):
-    front -> worker: ("submit", id, prompts, num_samples, max_tokens, temperature, top_k, top_p, seed, penalties),
+    front -> worker: ("submit", id, Ticket.spec()),
                      ("cancel", id), ("stop_row", id, row), ("drain", message), ("end_running", message),
                      ("shutdown",)
     worker -> front: ("ready", {context_len, max_rows, device}) or ("failed", message) once at start, then
@@ -74,7 +74,7 @@ def _worker_main(spec, commands, events):
             message = commands.recv()
             kind = message[0]
             if kind == "submit":
-                ticket = Ticket(*message[2:])
+                ticket = Ticket(**message[2])
                 ticket.id = message[1]
                 tickets[ticket.id] = ticket
                 try:
@@ -151,8 +151,7 @@ class WorkerReplica:
             ticket.id, self._next_id = self._next_id, self._next_id + 1
             ticket.started_at = time.monotonic()
             self._tickets[ticket.id] = ticket
-        self._send(("submit", ticket.id, ticket.prompts, ticket.num_samples, ticket.max_tokens, ticket.temperature,
-                    ticket.top_k, ticket.top_p, ticket.seed, ticket.penalties))
+        self._send(("submit", ticket.id, ticket.spec()))
 
     def cancel(self, ticket):
         ticket.cancel()
