@@ -8,7 +8,8 @@ in one run. For each library and each response_format (JSON mode, a 10-field sch
   - correctness: every finished walk's text must json.loads (strict: no raw control characters in strings)
     and pass jsonschema.validate
 For scale: one plain sampling step (softmax + multinomial over the vocab). Also import time, and
-nanochat.grammar's mask_rows_ (one bitmask for a batch) against one mask_ call per row.
+nanochat.grammar's mask_rows_ (one bitmask for a batch) against one mask_ call per row, and the cost per
+generated token through the serving Scheduler with and without a response_format.
 
 python dev/bench_grammar.py [--vocab-size 4096] [--text PATH] [--walks 10] [--batch 8] [--threads 2]
 
@@ -24,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import jsonschema
@@ -200,6 +202,55 @@ def batched(compiler, batch, steps):
     return {name: round(statistics.median(v), 1) for name, v in times.items()}
 
 
+def served(tokenizer, batch, max_tokens=64, repeats=3):
+    """
+    What a constrained reply costs in the server: ms per generated token through the serving Scheduler (a
+    d4-sized random model, one request of `batch` rows, sampled at temperature 1), plain vs JSON mode vs the
+    10-field schema; best of `repeats` runs each.
+    """
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.serving.scheduler import Scheduler
+    from nanochat.serving.tickets import Ticket
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tokenizer.get_vocab_size(), n_layer=4, n_head=2,
+                          n_kv_head=2, n_embd=256))
+    model.init_weights()
+    model.eval()
+    done, counts = threading.Event(), {}
+
+    def deliver(outbox):  # the scheduler thread's events: count tokens, notice when every row has finished
+        for events in outbox.values():
+            for kind, _, value in events:
+                counts["error"] = value if kind == "error" else counts["error"]
+                counts["tokens"] += kind == "token"
+                counts["finished"] += kind == "finish"
+        if counts["finished"] == batch or counts["error"]:
+            done.set()
+
+    scheduler = Scheduler(model, tokenizer, max_batch_size=batch, prefix_cache_rows=0, deliver=deliver)
+    scheduler.start()
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "A person, as JSON."},
+                                                           {"role": "assistant", "content": ""}]})
+    formats = {"plain": None, "json_object": {"type": "json_object"},
+               "10-field schema": {"type": "json_schema", "json_schema": {"name": "profile", "schema": PROFILE}}}
+    results = {}
+    for label, fmt in formats.items():
+        best = float("inf")
+        for seed in range(repeats):
+            counts.update(tokens=0, finished=0, error=None)
+            done.clear()
+            t0 = time.perf_counter()
+            scheduler.submit(Ticket([prompt], batch, max_tokens, 1.0, None, None, seed=seed, response_format=fmt))
+            done.wait()
+            if counts["error"]:
+                raise SystemExit(f"error: generation failed ({label}): {counts['error']}")
+            best = min(best, (time.perf_counter() - t0) * 1e3 / max(counts["tokens"], 1))
+        results[label] = round(best, 3)
+    scheduler.shutdown()
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -264,8 +315,14 @@ def main():
         batch = {"batch": args.batch, **batched(compiler, args.batch, 300)}
         print(f"nanochat.grammar, batch {args.batch}, µs per step (median): mask_rows_ {batch['mask_rows_']}, "
               f"mask_ per row {batch['mask_ per row']} ({batch['mask_ per row'] / batch['mask_rows_']:.2f}x)")
+    serving = {}
+    if "llguidance" in results:
+        serving = served(tokenizer, args.batch)
+        print(f"served (Scheduler, d4-sized model, {args.batch} rows), ms per generated token: " + ", ".join(
+            f"{label} {ms:.3f} ({ms / serving['plain']:.2f}x)" for label, ms in serving.items()))
     print(json.dumps({"tokenizer_vocab": tokenizer_vocab, "vocab_size": vocab_size, "threads": args.threads,
-                      "sample_step_us": round(sample_us, 1), "libraries": results, "nanochat_grammar": batch}))
+                      "sample_step_us": round(sample_us, 1), "libraries": results, "nanochat_grammar": batch,
+                      "served_ms_per_token": serving}))
 
 
 if __name__ == "__main__":

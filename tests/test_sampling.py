@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from nanochat.sampling import penalize_logits, process_logits, sample_next_token, validate_sampling_params
+from nanochat.sampling import (
+    penalize_logits,
+    process_logits,
+    sample_next_token,
+    token_logprobs,
+    validate_sampling_params,
+)
 
 
 def logits_of(probs):
@@ -139,3 +145,22 @@ def test_penalties_and_logit_bias_follow_openai_formula():
     assert torch.equal(penalize_logits(logits, [], frequency_penalty=2.0, presence_penalty=2.0), logits)
     negative = penalize_logits(logits, [0], frequency_penalty=-1.0)  # negative penalties encourage repeats
     assert negative[0] == 2.0
+
+
+def test_min_tokens_holds_the_end_back_whatever_its_bias():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    held = penalize_logits(logits, [1, 2], logit_bias={3: 100.0}, min_tokens=3, eos_ids={3, 0})
+    assert held[0] == held[3] == float("-inf") and held[1] == 2.0
+    assert torch.equal(penalize_logits(logits, [1, 2, 2], min_tokens=3, eos_ids={3, 0}), logits)
+
+
+def test_token_logprobs_are_the_tempered_distribution_before_truncation():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5]])
+    out = token_logprobs(logits, [1, 1], temperature=[0.5, 0.0], top=2)
+    expected = torch.log_softmax(logits / torch.tensor([[0.5], [1.0]]), dim=-1)  # greedy: temperature 1
+    assert out[0][0] == pytest.approx(float(expected[0, 1])) and out[1][0] == pytest.approx(float(expected[1, 1]))
+    assert [i for i, _ in out[0][1]] == [0, 1] and [i for i, _ in out[1][1]] == [1, 2]
+    assert out[0][1][0][1] == pytest.approx(float(expected[0, 0]))
+    assert token_logprobs(logits, [0, 0])[0][1] == []
+    never = token_logprobs(torch.tensor([[0.0, float("-inf")]]), [1])[0][0]
+    assert never == -9999.0  # JSON has no -inf: clamped as OpenAI reports it
