@@ -90,6 +90,21 @@ def test_stop_sequence_ends_the_row_in_the_worker(server):
     assert reply["finish_reason"] == "stop" and reply["message"]["content"] == text[:text.index(stop)]
 
 
+def test_logprobs_grammars_and_scoring_cross_the_process_boundary(server):
+    """A ticket's options reach the worker (Ticket.spec) and its logprob events come back."""
+    scored = httpx.post(server.url + "/v1/completions", timeout=60,
+                        json={"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+    assert [len(c["logprobs"]["tokens"]) for c in scored["choices"]] == [3, 2]
+    assert scored["choices"][1]["logprobs"]["token_logprobs"][0] is None
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}}, "required": ["a"],
+              "additionalProperties": False}
+    reply = chat(server, 100, logprobs=True, response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema}}).json()["choices"][0]
+    assert reply["finish_reason"] == "stop" and 0 <= json.loads(reply["message"]["content"])["a"] <= 99
+    assert reply["logprobs"]["content"]
+    assert chat(server, 7, ignore_eos=True).json()["usage"]["completion_tokens"] == 7
+
+
 def test_a_dead_worker_fails_only_its_own_requests(server):
     body = {"messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
