@@ -2,12 +2,14 @@
 The one place logits become a distribution.
 
 penalize_logits applies OpenAI's frequency/presence penalties and logit_bias to a row (the server's
-requests) and holds back the end of a reply (vLLM's min_tokens / ignore_eos); process_logits applies temperature, then top-k, then top-p within those k (nucleus: the smallest
-set of the most likely tokens whose probability reaches p; always at least one token). Temperature 0 means
-greedy: a one-hot distribution on the argmax, and so does any temperature below GREEDY_BELOW_TEMPERATURE:
-logits divided by a float32 subnormal such as 1e-40 overflow to inf and the softmax turns to NaN, while
-at 1e-6 the distribution is already one-hot to float32 precision. Plain sampling and speculative verification both call it,
-so the draft's q and the target's p are processed identically, which exact speculative sampling needs.
+requests) and holds back the end of a reply (vLLM's min_tokens / ignore_eos); token_logprobs gives the
+log-probabilities a server reports. process_logits applies temperature, then top-k, then top-p within those
+k (nucleus: the smallest set of the most likely tokens whose probability reaches p; always at least one
+token). Temperature 0 means greedy: a one-hot distribution on the argmax, and so does any temperature below
+GREEDY_BELOW_TEMPERATURE: logits divided by a float32 subnormal such as 1e-40 overflow to inf and the softmax
+turns to NaN, while at 1e-6 the distribution is already one-hot to float32 precision. Plain sampling and
+speculative verification both call it, so the draft's q and the target's p are processed identically, which
+exact speculative sampling needs.
 
 Parameters may be per row (tensors of shape (B,)) so one batch can serve requests with different settings.
 """

@@ -18,7 +18,8 @@ copy its slot instead of recomputing it. A finished sequence's KV is kept in a f
 (serving/prefix_cache.py): a context that starts with it (the next turn of a chat) copies it and is
 prefilled only from there.
 
-Each sequence samples with its request's temperature / top-k / top-p and its request's seeded generator.
+Each sequence samples with its request's temperature / top-k / top-p and its request's seeded generator,
+after its penalties and, for a response_format, its grammar's mask (nanochat/grammar.py).
 A failure while sampling or emitting one sequence's token ends only that sequence's request (an error
 event); a failed forward ends the requests in that forward. With speculative decoding on, a sequence
 running alone is decoded speculatively (the engine keeps its own caches and drives the same calculator
@@ -27,7 +28,8 @@ state); when another request arrives it goes back to prefilling, with its prompt
 The HTTP side never touches torch: it submits a Ticket (serving/tickets.py) and reads lists of events
 from the ticket's asyncio queue, filled by this thread through loop.call_soon_threadsafe, so generation
 never blocks the event loop. Events: ("token", row, token_id), ("finish", row, "stop"|"length"),
-("error", None, message). In a worker process (serving/workers.py) `deliver` sends each step's events
+("error", None, message), and when the request asked for logprobs ("logprob", row, (token, logprob, top))
+before a token and ("prompt_logprobs", row, [...]) before any (serving/tickets.py). In a worker process (serving/workers.py) `deliver` sends each step's events
 through a pipe to the HTTP front instead.
 """
 
