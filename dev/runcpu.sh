@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The tiny CPU pipeline: tokenizer -> d4 base model -> midtraining -> SFT -> evaluations -> report.md.
-# Pretraining dominates: 2M tokens at ~1,150 tok/s on 2 AVX512-BF16 cores (~30 min; bf16 autocast and kept
-# malloc memory by default, 2.9x the old eager-fp32 pace, so 2.5x the tokens of the old 200-step recipe in
-# less time). The model is tiny and barely trained: this run proves the pipeline, its numbers are near chance.
+# Pretraining dominates: 2M tokens, in bf16 autocast with kept malloc memory and, being 500 steps long,
+# compiled when a C++ compiler is present (--compile-mode auto): ~30 min on 2 AVX512-BF16 cores, ~3 min on
+# 2 AMX cores. The model is tiny and barely trained: this run proves the pipeline, its numbers are near chance.
 #   bash dev/runcpu.sh                                    # online: downloads 4 shards and the eval data
 #   NANOCHAT_DATA_DIR=/path/to/mirror bash dev/runcpu.sh  # offline with a local mirror of the datasets
 #   bash dev/runcpu.sh   (offline, nothing local)         # falls back to a corpus of installed package docs
@@ -28,7 +28,7 @@ stage "tokenizer (vocab 8192)"
 python -m scripts.tok_train --vocab-size 8192 --max-chars 50000000
 python -m scripts.tok_eval
 
-stage "base model d4: 500 steps x 4096 tokens (~30 min on 2 cores)"
+stage "base model d4: 500 steps x 4096 tokens (3-30 min on 2 cores)"
 python -m scripts.base_train $MODEL --device-batch-size 8 --total-batch-size 4096 --num-iterations 500 \
     --eval-every 100 --eval-tokens 32768 --sample-every 250
 python -m scripts.base_loss --device-batch-size 8 --split-tokens 32768

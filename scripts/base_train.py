@@ -19,10 +19,10 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
-from nanochat.common import (COMPILE_MODES, DTYPE_CHOICES, DummyWandb, autocast_context, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, compute_init, first_error,
-                             get_base_dir, get_dist_info, peak_flops_per_second, print0, resolve_compile_mode,
-                             synchronize, training_dtype)
+from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
+                             autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, compute_init,
+                             first_error, get_base_dir, get_dist_info, peak_flops_per_second, print0,
+                             resolve_compile_mode, synchronize, training_dtype)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
 from nanochat.engine import complete_greedy
@@ -40,7 +40,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the nanochat base model")
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--seed", type=int, default=42)
     # model
     p.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
     p.add_argument("--resume-from-step", type=int, default=-1)
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="auto: default on cuda, and on a cpu for runs of 500+ steps (a C++ compiler needed)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
     p.add_argument("--tokenizer-threads", type=int, default=4)
@@ -109,6 +110,12 @@ def resolve_num_iterations(args, model, tokens_per_step):
     if args.target_param_data_ratio > 0:
         return max(1, round(args.target_param_data_ratio * num_params / tokens_per_step)), "--target-param-data-ratio"
     raise ValueError("no training horizon: give --num-iterations, --target-flops or --target-param-data-ratio")
+
+
+def compile_mode_for(args, model, device_type):
+    """--compile-mode for this run: auto also depends on its length (a long CPU run compiles)."""
+    num_iterations, _ = resolve_num_iterations(args, model, args.total_batch_size)
+    return resolve_compile_mode(args.compile_mode, device_type, num_iterations)
 
 
 def format_duration(seconds):
@@ -155,7 +162,7 @@ def dry_run(args):
     except ValueError as e:
         print0(f"error: {e}")
         return 1
-    compiled = resolve_compile_mode(args.compile_mode, device_type) != "none"
+    compiled = compile_mode_for(args, model, device_type) != "none"
     _, plan = describe_run(args, model, world_size, grad_accum_steps, planned_dtype(device_type, args.dtype), compiled)
     print0(json.dumps(plan))
     return 0
@@ -198,7 +205,7 @@ def main(argv=None):
         print0(f"error: {e}")
         compute_cleanup()
         return 1
-    compile_mode = resolve_compile_mode(args.compile_mode, device_type)
+    compile_mode = compile_mode_for(args, model, device_type)
     num_iterations, plan = describe_run(args, model, world_size, grad_accum_steps, dtype,
                                         compile_mode != "none")
     num_params, flops_per_token = model.num_params(), model.estimate_flops()

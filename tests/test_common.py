@@ -63,6 +63,10 @@ def test_peak_flops_by_exact_model_and_compute_dtype(fake_gpu, name, capability,
 def test_compile_mode_auto_is_on_for_cuda_only():
     assert common.resolve_compile_mode("auto", "cuda") == "default"
     assert common.resolve_compile_mode("auto", "cpu") == "none"
+    assert common.resolve_compile_mode("auto", "cpu", num_iterations=499) == "none"
+    long_run = "default" if common.cxx_compiler() else "none"  # inductor builds C++ kernels on a CPU
+    assert common.resolve_compile_mode("auto", "cpu", num_iterations=500) == long_run
+    assert common.resolve_compile_mode("auto", "mps", num_iterations=10_000) == "none"
     assert common.resolve_compile_mode("max-autotune", "cpu") == "max-autotune"
     with pytest.raises(ValueError):
         common.resolve_compile_mode("fast", "cuda")
