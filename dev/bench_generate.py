@@ -22,7 +22,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, load_model
-from nanochat.common import autodetect_device_type, get_base_dir, synchronize
+from nanochat.common import DEVICE_TYPES, autodetect_device_type, get_base_dir, synchronize
 from nanochat.dataset import parquets_iter_batched
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
@@ -107,7 +107,7 @@ def main():
                    " n-gram drafts cost almost nothing, so the acceptance rule gets more room")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="time each case this many times, keep the best")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     args = p.parse_args()
     global REPEATS
     REPEATS = max(1, args.repeats)

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from nanochat.common import (autodetect_device_type, compile_model, keep_freed_memory, resolve_compile_mode, saved_tensor_bytes,
-                             synchronize, training_dtype)
+from nanochat.common import (DEVICE_TYPES, autodetect_device_type, compile_model, keep_freed_memory,
+                             resolve_compile_mode, saved_tensor_bytes, synchronize, training_dtype)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -105,7 +105,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     p.add_argument("--glibc-default-malloc", action="store_true", help="CPU: skip keep_freed_memory (the old default)")
     p.add_argument("--first-case-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

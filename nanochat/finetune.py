@@ -13,9 +13,9 @@ import torch
 
 from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, restore_training_state,
                                          save_checkpoint)
-from nanochat.common import (COMPILE_MODES, DTYPE_CHOICES, DummyWandb, autocast_context, autodetect_device_type,
-                             broadcast_parameters, compile_model, compute_cleanup, first_error, get_base_dir,
-                             get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize,
+from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
+                             autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, first_error,
+                             get_base_dir, get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize,
                              training_dtype)
 from nanochat.dataloader import ConversationLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
@@ -26,7 +26,7 @@ from nanochat.report import get_report
 
 def add_finetune_flags(p, source, dest, lr_frac, max_seq_len, device_batch_size, examples_per_step):
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     p.add_argument("--source", default=source, choices=list(SOURCES), help="the checkpoints to start from")
     p.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest)")
     p.add_argument("--model-step", type=int, default=None, help="checkpoint step to start from (default: newest)")

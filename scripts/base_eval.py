@@ -16,14 +16,15 @@ import sys
 import time
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
-from nanochat.common import compute_cleanup, compute_init, first_error, get_base_dir, is_main_process, print0
+from nanochat.common import (DEVICE_TYPES, compute_cleanup, compute_init, first_error, get_base_dir, is_main_process,
+                             print0)
 from nanochat.core_eval import EvalBundleError, evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a base model on the CORE metric (DCLM tasks)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--model-tag", default=None, help="model tag (default: the largest)")
     p.add_argument("--step", "--model-step", dest="step", type=int, default=None,
                    help="checkpoint step (default: the newest)")

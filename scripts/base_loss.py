@@ -10,7 +10,7 @@ import sys
 
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, first_error, print0
+from nanochat.common import DEVICE_TYPES, autocast_context, compute_cleanup, compute_init, first_error, print0
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.engine import complete_greedy
 from nanochat.loss_eval import evaluate_bpb
@@ -23,7 +23,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate base model train/val bits-per-byte and print samples")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
     p.add_argument("--model-tag", default=None)

@@ -13,7 +13,7 @@ import sys
 
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model
-from nanochat.common import autocast_context, compute_init
+from nanochat.common import DEVICE_TYPES, autocast_context, compute_init
 from nanochat.engine import Engine
 from nanochat.sampling import validate_sampling_params
 
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     args = p.parse_args(argv)
     try:
         validate_sampling_params(args.temperature, args.top_k, args.top_p)

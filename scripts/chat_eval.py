@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import (DataMismatch, autocast_context, compute_cleanup, compute_init, first_error, load_on_all_ranks,
-                             print0, print_all)
+from nanochat.common import (DEVICE_TYPES, DataMismatch, autocast_context, compute_cleanup, compute_init, first_error,
+                             load_on_all_ranks, print0, print_all)
 from nanochat.engine import Engine
 from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
@@ -166,7 +166,7 @@ def parse_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-samples", default=None, help="write every problem, completion, answer and verdict to this JSONL")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in args.tasks if t not in TASK_NAMES]

@@ -16,8 +16,8 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
-from nanochat.common import (DTYPE_CHOICES, autocast_context, broadcast_parameters, compute_cleanup, compute_init,
-                             first_error, get_base_dir, load_on_all_ranks, print0, training_dtype)
+from nanochat.common import (DEVICE_TYPES, DTYPE_CHOICES, autocast_context, broadcast_parameters, compute_cleanup,
+                             compute_init, first_error, get_base_dir, load_on_all_ranks, print0, training_dtype)
 from nanochat.engine import Engine
 from nanochat.memory import log_peak_memory
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
@@ -27,7 +27,7 @@ from tasks.common import DatasetUnavailable
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL on GSM8K with pass@k evaluation")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
     p.add_argument("--source", default="sft", choices=list(SOURCES))

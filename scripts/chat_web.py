@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
-from nanochat.common import get_base_dir
+from nanochat.common import DEVICE_TYPES, get_base_dir
 from nanochat.serving.config import load_config, validate_config
 from nanochat.serving.origins import is_loopback
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="CPU: replicas in this many worker processes (default: 1 with 2+ cores, so generation has a "
                         "GIL of its own and keeps its pace however busy the HTTP front is; 0: one replica in the server "
                         "process, which starts a few seconds sooner)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--max-batch-size", type=int, default=32, help="running sequences per replica")
     p.add_argument("--prefix-cache-rows", type=int, default=8,
                    help="KV rows per replica keeping finished conversations for the next turn to reuse (0: off)")
