@@ -35,6 +35,13 @@ def get_data_dir():
     return None
 
 
+def format_duration(seconds):
+    """Seconds as '2m05s', or '1h02m05s' from an hour on (progress lines, summaries, the report)."""
+    seconds = int(round(seconds))
+    minutes = f"{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{minutes}" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def autodetect_device_type():
     if torch.cuda.is_available():
         return "cuda"
@@ -52,6 +59,14 @@ def get_dist_info():
 
 def is_main_process():
     return get_dist_info()[1] == 0
+
+
+def progress(iterable, desc, total=None, unit="it"):
+    """A progress bar (tqdm, on stderr) over iterable for long evaluations: on the main process only, and
+    gone once done so that the result line printed after it stands alone."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=not is_main_process())
 
 
 def print0(*args, **kwargs):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import autocast_context, get_base_dir, get_data_dir, load_on_all_ranks, print0
+from nanochat.common import autocast_context, get_base_dir, get_data_dir, load_on_all_ranks, print0, progress
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 DOWNLOAD_ATTEMPTS = 3
@@ -334,7 +334,7 @@ def _batches(items, batch_size):
 def _prepared_examples(model, tokenizer, task_meta, rows, indices):
     """(row, [(ids, start)] cropped to the context, whether any candidate had to be cropped) per example."""
     max_len = model.config.sequence_len
-    for idx in indices:
+    for idx in progress(indices, task_meta["label"], unit="example"):
         shots = [rows[j] for j in sample_fewshot(len(rows), idx, task_meta["num_fewshot"])]
         seqs = tokenize_candidates(tokenizer, render_candidates(task_meta, rows[idx], shots))
         cropped = any(len(ids) > max_len for ids, _ in seqs)

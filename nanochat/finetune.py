@@ -15,8 +15,8 @@ from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, lo
                                          save_checkpoint)
 from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
                              autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, first_error,
-                             get_base_dir, get_dist_info, load_on_all_ranks, print0, resolve_compile_mode, synchronize,
-                             training_dtype)
+                             format_duration, get_base_dir, get_dist_info, load_on_all_ranks, print0,
+                             resolve_compile_mode, synchronize, training_dtype)
 from nanochat.dataloader import ConversationLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, training_plan
@@ -231,7 +231,7 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
         compiling = step == start_step and compile_mode != "none"
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
-               f"trained tok/s {tokens * world_size / dt:,.0f} | eta {eta / 60:.1f} min"
+               f"trained tok/s {tokens * world_size / dt:,.0f} | eta {format_duration(eta)}"
                + (f" | {dt:.1f}s, includes compiling the training graph" if compiling else ""))
         wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lrm})
         curve["steps"].append(step + 1)

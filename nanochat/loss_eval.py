@@ -11,12 +11,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import progress
+
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, desc=None):
     """
     model: a GPT (or its compiled wrapper); batches: iterator of (inputs, targets) (B, T);
-    steps: how many batches this rank evaluates (fewer if the iterator ends); token_bytes: (vocab,) int.
+    steps: how many batches this rank evaluates (fewer if the iterator ends); token_bytes: (vocab,) int;
+    desc: label of a progress bar (None: none, e.g. inside a training loop).
     Sums are all-reduced across ranks when running distributed. Returns (bits per byte, tokens scored):
     special tokens and ignored targets (-1) are not scored.
     """
@@ -24,7 +27,10 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     total_tokens = torch.zeros((), dtype=torch.int64, device=device)
-    for _, (x, y) in zip(range(steps), batches):
+    steps_and_batches = zip(range(steps), batches)
+    if desc is not None:
+        steps_and_batches = progress(steps_and_batches, desc, total=steps, unit="batch")
+    for _, (x, y) in steps_and_batches:
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats, 0 where y == -1
         y = y.view(-1)
         valid = y >= 0

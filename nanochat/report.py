@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import format_duration, get_base_dir, get_dist_info
 
 HEADER_FILE = "header.md"
 RUN_FILE = "run.json"  # machine-readable facts from reset: start time, GPUs (for wall clock and cost)
@@ -106,11 +106,6 @@ def format_value(value):
             return f"{value:.4e}"
         return f"{value:.6g}"
     return str(value)
-
-
-def format_duration(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
 def read_section_values(path):

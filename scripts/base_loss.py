@@ -1,13 +1,15 @@
 """
 Train and val bits-per-byte of a base model, plus a few greedy samples.
 
-python -m scripts.base_loss [--model-tag d20] [--model-step N] [--split-tokens 10485760]
+python -m scripts.base_loss [--model-tag d20] [--model-step N] [--split-tokens N]
 torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+
+--split-tokens defaults to the device: 10,485,760 tokens per split on CUDA (a stable number for a d20), 262,144
+on a CPU or MPS (a d4 finishes both splits in under a minute on 2 CPU cores; pass more for a steadier one).
 """
 
 import argparse
 import sys
-
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import DEVICE_TYPES, autocast_context, compute_cleanup, compute_init, first_error, print0
@@ -17,6 +19,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
+GPU_SPLIT_TOKENS, CPU_SPLIT_TOKENS = 20 * 524288, 262144
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
@@ -25,13 +28,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate base model train/val bits-per-byte and print samples")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--device-batch-size", type=int, default=32)
-    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
+    p.add_argument("--split-tokens", type=int, default=None,
+                   help=f"tokens evaluated per split (default: {GPU_SPLIT_TOKENS:,} on cuda, {CPU_SPLIT_TOKENS:,} elsewhere)")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--model-step", type=int, default=None)
     p.add_argument("--max-sample-tokens", type=int, default=24)
     args = p.parse_args(argv)
     for name in ["device_batch_size", "split_tokens"]:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -52,7 +56,8 @@ def main(argv=None):
     autocast = autocast_context(device.type)
 
     B, T = args.device_batch_size, model.config.sequence_len
-    steps = max(1, args.split_tokens // (B * T * world_size))
+    split_tokens = args.split_tokens or (GPU_SPLIT_TOKENS if device.type == "cuda" else CPU_SPLIT_TOKENS)
+    steps = max(1, split_tokens // (B * T * world_size))
     results = {}
     for split in ("train", "val"):
         if split == "train":
@@ -60,7 +65,7 @@ def main(argv=None):
         else:
             loader = make_val_loader(tokenizer, B, T, world_size, rank, device)
         with loader, autocast:
-            results[f"{split} bpb"], scored = evaluate_bpb(model, loader, steps, token_bytes)
+            results[f"{split} bpb"], scored = evaluate_bpb(model, loader, steps, token_bytes, desc=f"{split} bpb")
         results[f"{split} tokens scored"] = scored
         # special tokens (BOS) carry no bytes and are not scored; a split that ends early scores fewer
         print0(f"{split} bpb: {results[f'{split} bpb']:.4f} over {scored:,} scored tokens "

@@ -21,7 +21,7 @@ import torch
 from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
 from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
                              autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, compute_init,
-                             first_error, get_base_dir, get_dist_info, peak_flops_per_second, print0,
+                             first_error, format_duration, get_base_dir, get_dist_info, peak_flops_per_second, print0,
                              resolve_compile_mode, synchronize, training_dtype)
 from nanochat.dataloader import make_train_loader, make_val_loader
 from nanochat.dataset import ensure_local_shards
@@ -116,11 +116,6 @@ def compile_mode_for(args, model, device_type):
     """--compile-mode for this run: auto also depends on its length (a long CPU run compiles)."""
     num_iterations, _ = resolve_num_iterations(args, model, args.total_batch_size)
     return resolve_compile_mode(args.compile_mode, device_type, num_iterations)
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def accumulation_steps(args, world_size):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import (DEVICE_TYPES, DataMismatch, autocast_context, compute_cleanup, compute_init, first_error,
-                             load_on_all_ranks, print0, print_all)
+                             load_on_all_ranks, print0, print_all, progress)
 from nanochat.engine import Engine
 from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
@@ -91,7 +91,7 @@ def run_categorical(model, tokenizer, task, indices, batch_size, device):
     """Returns [Record] for this rank's problems: the answer is the predicted letter."""
     bos, context_len = tokenizer.get_bos_token_id(), model.config.sequence_len
     out = []
-    for start in range(0, len(indices), batch_size):
+    for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
         chunk = indices[start:start + batch_size]
         conversations = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
@@ -120,7 +120,7 @@ def run_generative(engine, task, indices, batch_size, num_samples, max_new_token
     """Returns [Record] for this rank's problems: correct if any of the samples is (pass@n)."""
     tokenizer, context_len = engine.tokenizer, engine.context_len
     out = []
-    for start in range(0, len(indices), batch_size):
+    for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
         chunk = indices[start:start + batch_size]
         conversations = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]

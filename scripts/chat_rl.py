@@ -17,7 +17,8 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
 from nanochat.common import (DEVICE_TYPES, DTYPE_CHOICES, autocast_context, broadcast_parameters, compute_cleanup,
-                             compute_init, first_error, get_base_dir, load_on_all_ranks, print0, training_dtype)
+                             compute_init, first_error, format_duration, get_base_dir, load_on_all_ranks, print0,
+                             training_dtype)
 from nanochat.engine import Engine
 from nanochat.memory import log_peak_memory
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
@@ -211,7 +212,7 @@ def main(argv=None):
             log_peak_memory(device)  # rollouts and the policy-gradient step have run once
         eta = (time.time() - t_start) / (step - start_step + 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {float(mean_reward):.4f} | loss {loss:.4f} | "
-               f"lrm {lrm:.3f} | eta {eta / 60:.1f} min")
+               f"lrm {lrm:.3f} | eta {format_duration(eta)}")
 
     report = get_report()
     report.log(section="Chat RL", data=[

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from nanochat import dataset
+from nanochat import dataset, fallback_corpus
 
 
 @pytest.fixture
@@ -389,14 +389,14 @@ def read_jsonl(path):
 
 
 def test_is_english_prose_and_markup():
-    assert dataset.is_english_prose(PROSE_1)
-    assert not dataset.is_english_prose("Too short to be a paragraph.")
-    assert not dataset.is_english_prose("def f(x):\n    return {k: v for k, v in x.items() if v is not None}")
-    assert not dataset.is_english_prose("1.0 2.5 3.25 4.125\n5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20")
-    assert not dataset.is_english_prose(LICENSE)
-    assert not dataset.is_english_prose("这个函数返回一个很长的中文句子，用来检查非英文的文档字符串会被过滤掉。")
-    assert not dataset.is_english_prose(">>> run the example that is shown in the documentation of this")
-    assert dataset.strip_markup("Use :class:`~torch.Tensor` or ``x.view`` (see `docs <https://x.y>`_ and "
+    assert fallback_corpus.is_english_prose(PROSE_1)
+    assert not fallback_corpus.is_english_prose("Too short to be a paragraph.")
+    assert not fallback_corpus.is_english_prose("def f(x):\n    return {k: v for k, v in x.items() if v is not None}")
+    assert not fallback_corpus.is_english_prose("1.0 2.5 3.25 4.125\n5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20")
+    assert not fallback_corpus.is_english_prose(LICENSE)
+    assert not fallback_corpus.is_english_prose("这个函数返回一个很长的中文句子，用来检查非英文的文档字符串会被过滤掉。")
+    assert not fallback_corpus.is_english_prose(">>> run the example that is shown in the documentation of this")
+    assert fallback_corpus.strip_markup("Use :class:`~torch.Tensor` or ``x.view`` (see `docs <https://x.y>`_ and "
                                 "[the guide](https://g.h)); **never** `eval`.") == \
         "Use torch.Tensor or x.view (see docs and the guide); never eval."
 
@@ -404,7 +404,7 @@ def test_is_english_prose_and_markup():
 def test_build_installed_docs_corpus(tmp_path):
     roots = make_fake_installed_docs(tmp_path / "fake")
     out = tmp_path / "corpus.jsonl"
-    stats = dataset.build_installed_docs_corpus(str(out), roots=roots, min_doc_chars=50, workers=1)
+    stats = fallback_corpus.build_installed_docs_corpus(str(out), roots=roots, min_doc_chars=50, workers=1)
     records = read_jsonl(out)
     sources = [os.path.relpath(r["source"], tmp_path / "fake") for r in records]
     assert sources == ["site-packages/alpha/README.md", "site-packages/alpha/__init__.py",
@@ -423,33 +423,33 @@ def test_build_installed_docs_corpus(tmp_path):
 
     # deterministic, whatever the number of worker processes
     out2 = tmp_path / "corpus2.jsonl"
-    dataset.build_installed_docs_corpus(str(out2), roots=roots, min_doc_chars=50, workers=2)
+    fallback_corpus.build_installed_docs_corpus(str(out2), roots=roots, min_doc_chars=50, workers=2)
     assert out2.read_bytes() == out.read_bytes()
 
 
 def test_installed_docs_corpus_max_chars(tmp_path):
     roots = make_fake_installed_docs(tmp_path / "fake")
     out = tmp_path / "corpus.jsonl"
-    stats = dataset.build_installed_docs_corpus(str(out), max_chars=150, roots=roots, min_doc_chars=50, workers=1)
+    stats = fallback_corpus.build_installed_docs_corpus(str(out), max_chars=150, roots=roots, min_doc_chars=50, workers=1)
     records = read_jsonl(out)
     assert stats["chars"] == 150 == sum(len(r["text"]) for r in records) and len(records) == 2
     with pytest.raises(ValueError):
-        dataset.build_installed_docs_corpus(str(out), max_chars=0, roots=roots)
+        fallback_corpus.build_installed_docs_corpus(str(out), max_chars=0, roots=roots)
 
 
 def test_installed_docs_roots_exist_once():
-    roots = dataset.installed_docs_roots()
+    roots = fallback_corpus.installed_docs_roots()
     assert roots and len(set(roots)) == len(roots) and all(os.path.isdir(r) for r in roots)
 
 
 def test_cli_from_installed_docs(base_dir, tmp_path, monkeypatch, capsys):
     roots = make_fake_installed_docs(tmp_path / "fake")
-    monkeypatch.setattr(dataset, "installed_docs_roots", lambda: roots)
+    monkeypatch.setattr(fallback_corpus, "installed_docs_roots", lambda: roots)
     assert dataset.main(["--from-installed-docs", "--max-chars", "100000", "--doc-chars", "150"]) == 0
     out = capsys.readouterr().out
     assert out.count("FALLBACK PRETRAINING CORPUS") == 2 and "NOT web text" in out
     assert "fallback corpus: 4 documents" in out and "2 shards" in out
-    assert len(read_jsonl(base_dir / dataset.FALLBACK_CORPUS_FILE)) == 4
+    assert len(read_jsonl(base_dir / fallback_corpus.FALLBACK_CORPUS_FILE)) == 4
     shards = dataset.list_parquet_files()
     texts = [t for p in shards for t in shard_texts(p)]
     assert len(shards) == 2 and PROSE_CLASS in "\n".join(texts) and all(len(t) <= 150 for t in texts)
@@ -484,10 +484,10 @@ def test_cli_rejects_bad_fallback_flags(base_dir, argv, capsys):
 
 
 def test_which_files_are_documentation():
-    kinds = {name: dataset._doc_kind(name, "/site-packages/pkg") for name in
+    kinds = {name: fallback_corpus._doc_kind(name, "/site-packages/pkg") for name in
              ["history.py", "README.md", "guide.rst", "notes.txt", "README", "FAQ.gz", "intro.md.gz", "LICENSE",
               "LICENSE-MIT.txt", "COPYING.LIB", "CHANGES.rst", "requirements-dev.txt", "top_level.txt", "data.json",
               "METADATA", ".hidden.md"]}
     assert [n for n, k in kinds.items() if k] == ["history.py", "README.md", "guide.rst", "notes.txt", "README",
                                                    "FAQ.gz", "intro.md.gz"]
-    assert dataset._doc_kind("METADATA", "/site-packages/beta-1.0.dist-info") == "metadata"
+    assert fallback_corpus._doc_kind("METADATA", "/site-packages/beta-1.0.dist-info") == "metadata"
