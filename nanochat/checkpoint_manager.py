@@ -186,3 +186,23 @@ def load_model(source, device, phase, model_tag=None, step=None):
                               f"({model.config.vocab_size}): the tokenizer in {get_base_dir()}/tokenizer was "
                               f"retrained after this model; retrain the model or restore the tokenizer")
     return model, tokenizer, meta
+
+
+def load_draft(source, draft_tag, device):
+    """
+    The draft for speculative decoding (Engine's `draft`): None without a tag, "ngram" for the n-gram drafter,
+    else the model `draft_tag` of the same source (it must share the target's tokenizer).
+    """
+    if draft_tag in (None, "ngram"):
+        return draft_tag
+    draft, _, _ = load_model(source, device, "eval", model_tag=draft_tag)
+    return draft
+
+
+def speculative_flags_error(proposals, draft_tag):
+    """The message for bad --speculative-proposals / --draft-model-tag flags, or None."""
+    if proposals < 0:
+        return "--speculative-proposals must be >= 0"
+    if proposals and not draft_tag:
+        return "--speculative-proposals needs --draft-model-tag (a model tag or 'ngram')"
+    return None

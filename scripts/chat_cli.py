@@ -12,10 +12,11 @@ import argparse
 import sys
 
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_draft, load_model, speculative_flags_error
 from nanochat.common import DEVICE_TYPES, autocast_context, compute_init
 from nanochat.engine import Engine
 from nanochat.sampling import validate_sampling_params
+from nanochat.serving.streaming import TextStream
 
 
 def parse_args(argv=None):
@@ -39,33 +40,16 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
-    if args.speculative_proposals < 0:
-        p.error("--speculative-proposals must be >= 0")
-    if args.speculative_proposals and not args.draft_model_tag:
-        p.error("--speculative-proposals needs --draft-model-tag (a model tag or 'ngram')")
+    if error := speculative_flags_error(args.speculative_proposals, args.draft_model_tag):
+        p.error(error)
     return args
-
-
-class StreamPrinter:
-    """Prints tokens as they arrive; decodes the whole reply each time so multi-byte characters come out whole."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
-
-    def add(self, token):
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        print(text[len(self.printed):], end="", flush=True)
-        self.printed = text
 
 
 def reply(engine, prompt_tokens, args, autocast):
     """Stream one reply; returns its tokens (the terminal token excluded)."""
     tokenizer = engine.tokenizer
     terminal = tokenizer.terminal_token_ids()
-    printer = StreamPrinter(tokenizer)
+    stream, tokens = TextStream(tokenizer), []  # holds back an incomplete UTF-8 character until it is whole
     max_tokens = min(args.max_tokens, engine.context_len - len(prompt_tokens))
     sampling = dict(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     with autocast:
@@ -76,13 +60,14 @@ def reply(engine, prompt_tokens, args, autocast):
         for column, _ in steps:
             if column[0] in terminal:
                 break
-            printer.add(column[0])
-    print()
+            tokens.append(column[0])
+            print(stream.add(column[0])[0], end="", flush=True)
+    print(stream.finish())
     if args.speculative_proposals:
         s = steps.stats
         print(f"[speculative: {s['accepted']}/{s['drafted']} drafts accepted, "
               f"{s['tokens_per_target_forward']:.2f} tokens per target forward]")
-    return printer.tokens
+    return tokens
 
 
 def main(argv=None):
@@ -90,11 +75,7 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        draft = None
-        if args.draft_model_tag == "ngram":
-            draft = "ngram"
-        elif args.draft_model_tag:
-            draft, _, _ = load_model(args.source, device, phase="eval", model_tag=args.draft_model_tag)
+        draft = load_draft(args.source, args.draft_model_tag, device)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, find_largest_model, load_model
+from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_largest_model, load_draft, load_model,
+                                         speculative_flags_error)
 from nanochat.common import DEVICE_TYPES, get_base_dir
 from nanochat.serving.config import load_config, validate_config
 from nanochat.serving.origins import is_loopback
@@ -87,10 +88,8 @@ def parse_args(argv=None):
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
             p.error(f"--cors-origins: {origin!r} is not an origin like https://app.example or http://localhost:3000")
-    if args.speculative_proposals < 0:
-        p.error("--speculative-proposals must be >= 0")
-    if args.speculative_proposals and not args.draft_model_tag:
-        p.error("--speculative-proposals needs --draft-model-tag (a model tag or 'ngram')")
+    if error := speculative_flags_error(args.speculative_proposals, args.draft_model_tag):
+        p.error(error)
     return args
 
 
@@ -158,9 +157,7 @@ def build_replicas(args, config, devices, in_workers):
     if devices[0].type == "cpu":
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     model, tokenizer, _ = load_model(args.source, devices[0], "eval", model_tag=args.model_tag, step=args.step)
-    draft = args.draft_model_tag
-    if draft not in (None, "ngram"):
-        draft, _, _ = load_model(args.source, devices[0], "eval", model_tag=draft)
+    draft = load_draft(args.source, args.draft_model_tag, devices[0])
     scheduler = Scheduler(model, tokenizer, max_batch_size=args.max_batch_size,
                           max_running_requests=config.max_concurrent_requests,
                           max_queued_requests=config.max_queued_requests, draft=draft,

@@ -174,3 +174,11 @@ def test_replicated_optimizer_state_is_saved_once_and_every_rank_restores_it(tmp
     adamw, muon = (opt.state_dict()["state"] for opt in restored)
     assert all(torch.equal(adamw[k]["exp_avg"], v["exp_avg"]) for k, v in optimizers[0].state_dict()["state"].items())
     assert all(torch.equal(muon[k]["momentum_buffer"], v["momentum_buffer"]) for k, v in rank1_states[1]["state"].items())
+
+
+def test_speculative_flags_and_the_draft_they_name():
+    from nanochat.checkpoint_manager import load_draft, speculative_flags_error
+    assert speculative_flags_error(0, None) is None and speculative_flags_error(4, "ngram") is None
+    assert "must be >= 0" in speculative_flags_error(-1, "d2")
+    assert "needs --draft-model-tag" in speculative_flags_error(4, None)
+    assert load_draft("sft", None, "cpu") is None and load_draft("sft", "ngram", "cpu") == "ngram"

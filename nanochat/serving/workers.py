@@ -39,7 +39,7 @@ def _worker_main(spec, commands, events):
     """A worker process: load the model on spec["device"], run a Scheduler, follow the front's commands."""
     import torch
 
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import load_draft, load_model
     from nanochat.serving.scheduler import Scheduler
     send_lock = threading.Lock()  # the scheduler thread and this one both send
 
@@ -54,9 +54,7 @@ def _worker_main(spec, commands, events):
         else:
             torch.set_num_threads(spec["cpu_threads"])
         model, tokenizer, _ = load_model(spec["source"], device, "eval", model_tag=spec["model_tag"], step=spec["step"])
-        draft = spec["draft_model_tag"]
-        if draft and draft != "ngram":
-            draft, _, _ = load_model(spec["source"], device, "eval", model_tag=draft)
+        draft = load_draft(spec["source"], spec["draft_model_tag"], device)
         scheduler = Scheduler(model, tokenizer, max_batch_size=spec["max_batch_size"],
                               max_running_requests=spec["max_running_requests"], max_queued_requests=2**31,
                               draft=draft, speculative_proposals=spec["speculative_proposals"],
