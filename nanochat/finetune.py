@@ -1,6 +1,6 @@
 """
 The training loop shared by midtraining and SFT: start from an earlier stage's checkpoint, train on
-conversations (nanochat.dataloader.ConversationLoader), evaluate the loss on held-out conversations,
+conversations (nanochat.conversation_loader.ConversationLoader), evaluate the loss on held-out conversations,
 checkpoint, and resume exactly from a checkpoint of this stage.
 """
 
@@ -17,7 +17,7 @@ from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWa
                              autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, first_error,
                              format_duration, get_base_dir, get_dist_info, load_on_all_ranks, print0,
                              resolve_compile_mode, synchronize, training_dtype)
-from nanochat.dataloader import ConversationLoader
+from nanochat.conversation_loader import ConversationLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, training_plan
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers

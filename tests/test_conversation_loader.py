@@ -1,9 +1,9 @@
-"""nanochat.dataloader.ConversationLoader: SFT (padded, masked) and midtraining (packed) rows."""
+"""nanochat.conversation_loader.ConversationLoader: SFT (padded, masked) and midtraining (packed) rows."""
 
 import pytest
 import torch
 
-from nanochat.dataloader import ConversationLoader
+from nanochat.conversation_loader import ConversationLoader
 from nanochat.tokenizer import RustBPETokenizer
 
 
