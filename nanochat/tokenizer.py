@@ -39,6 +39,20 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 TRAIN_HINT = "train one with `python -m scripts.tok_train`"
 
 
+def role_order_error(roles):
+    """
+    The chat template's order of roles: an optional leading system message, then user and assistant
+    alternating, starting with the user. Returns (index, expected role) of the first role out of order, or
+    None. Training data, the tokenizer and the server each add their own rule on how a conversation ends.
+    """
+    start = 1 if roles and roles[0] == "system" else 0
+    for i, role in enumerate(roles[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            return i, expected
+    return None
+
+
 def validate_vocab_size(vocab_size):
     """The one place the vocab size bound lives (used by the class and by scripts/tok_train.py)."""
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
@@ -194,13 +208,10 @@ class RustBPETokenizer:
             messages = messages[1:]
         if not messages:
             raise ValueError("conversation has no user/assistant messages")
-        for i, message in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message.get("role") != expected:
-                raise ValueError(
-                    f"message {i} has role {message.get('role')!r}, expected {expected!r}: after an optional "
-                    f"system message, roles must alternate user/assistant starting with user"
-                )
+        if (wrong := role_order_error([m.get("role") for m in messages])) is not None:
+            i, expected = wrong
+            raise ValueError(f"message {i} has role {messages[i].get('role')!r}, expected {expected!r}: after an "
+                             f"optional system message, roles must alternate user/assistant starting with user")
         return messages
 
     def _wrap(self, start, text, end):

@@ -15,6 +15,7 @@ import socket
 from bisect import bisect_right
 
 from nanochat.common import get_data_dir
+from nanochat.tokenizer import role_order_error
 
 
 class DatasetUnavailable(RuntimeError):
@@ -165,20 +166,19 @@ def validate_messages(messages):
     """Raise ValueError(reason) unless: optional system, then user/assistant alternating, ending with the assistant."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-    turns = messages[start:]
-    if len(turns) < 2:
-        raise ValueError("needs at least one user message and one assistant reply")
-    for i, message in enumerate(turns):
+    for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"message {start + i} is not an object")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            raise ValueError(f"message {start + i} has role {message.get('role')!r}, expected {expected!r}")
-        _validate_content(message.get("content"), expected, start + i)
-    if start == 1:
-        _validate_content(messages[0].get("content"), "system", 0)
-    if turns[-1]["role"] != "assistant":
+            raise ValueError(f"message {i} is not an object")
+    roles = [m.get("role") for m in messages]
+    start = 1 if roles[0] == "system" else 0
+    if len(roles) - start < 2:
+        raise ValueError("needs at least one user message and one assistant reply")
+    if (wrong := role_order_error(roles)) is not None:
+        i, expected = wrong
+        raise ValueError(f"message {i} has role {roles[i]!r}, expected {expected!r}")
+    for i, message in enumerate(messages):
+        _validate_content(message.get("content"), roles[i], i)
+    if roles[-1] != "assistant":
         raise ValueError("the last message must be the assistant's")
 
 

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from nanochat.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, validate_sampling_params
+from nanochat.tokenizer import role_order_error
 
 StrictFloat = Annotated[float, Field(strict=True)]  # strict float still accepts ints, but not "0.5" or true
 MAX_STOP_SEQUENCES = 4
@@ -449,14 +450,13 @@ def resolve_logprobs(request):
 def _check_conversation(messages):
     """Optional leading system turn, then user/assistant turns alternating, ending with the user."""
     turns = conversation_turns(messages)
-    start = 1 if turns[0][0] == "system" else 0
-    for t, (role, _, i) in enumerate(turns[start:], start):
-        expected = "user" if (t - start) % 2 == 0 else "assistant"
-        if role != expected:
-            where = "only the first messages may be system messages" if role == "system" else \
-                "the conversation must start with the user after any system messages"
-            raise RequestError(f"messages[{i}].role: expected {expected!r}, got {messages[i].role!r} ({where})",
-                               f"messages[{i}].role")
+    if (wrong := role_order_error([role for role, _, _ in turns])) is not None:
+        t, expected = wrong
+        role, _, i = turns[t]
+        where = "only the first messages may be system messages" if role == "system" else \
+            "the conversation must start with the user after any system messages"
+        raise RequestError(f"messages[{i}].role: expected {expected!r}, got {messages[i].role!r} ({where})",
+                           f"messages[{i}].role")
     if turns[-1][0] != "user":
         raise RequestError("the last message must be from the user", "messages")
 
