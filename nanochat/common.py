@@ -3,6 +3,7 @@ Things every stage needs: where files live, which device to run on, distributed 
 """
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,12 @@ def get_data_dir():
     if data_dir and os.path.isdir(data_dir):
         return data_dir
     return None
+
+
+def read_jsonl(path):
+    """A JSON Lines file as a list of its records (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def format_duration(seconds):

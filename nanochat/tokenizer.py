@@ -53,6 +53,47 @@ def role_order_error(roles):
     return None
 
 
+PART_TYPES = ("text", "python", "python_output")  # an assistant message's parts (see _render_assistant)
+
+
+def validate_messages(messages):
+    """
+    A training conversation's messages (data checks at load time; rendering checks again): ValueError(reason)
+    unless an optional system message, then user/assistant alternating, ending with the assistant, every
+    content non-empty text (the assistant's may be a list of parts).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is not an object")
+    roles = [m.get("role") for m in messages]
+    start = 1 if roles[0] == "system" else 0
+    if len(roles) - start < 2:
+        raise ValueError("needs at least one user message and one assistant reply")
+    if (wrong := role_order_error(roles)) is not None:
+        i, expected = wrong
+        raise ValueError(f"message {i} has role {roles[i]!r}, expected {expected!r}")
+    for i, message in enumerate(messages):
+        _validate_content(message.get("content"), roles[i], i)
+    if roles[-1] != "assistant":
+        raise ValueError("the last message must be the assistant's")
+
+
+def _validate_content(content, role, i):
+    if isinstance(content, str):
+        if not content.strip():
+            raise ValueError(f"message {i} ({role}) has empty content")
+        return
+    if role != "assistant" or not isinstance(content, list) or not content:
+        raise ValueError(f"message {i} ({role}) content must be a non-empty string"
+                         + (" or a list of parts" if role == "assistant" else ""))
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+            raise ValueError(f"message {i} has a bad part {part!r}: "
+                             f"parts are {{'type': one of {PART_TYPES}, 'text': str}}")
+
+
 def validate_vocab_size(vocab_size):
     """The one place the vocab size bound lives (used by the class and by scripts/tok_train.py)."""
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:

@@ -6,7 +6,7 @@ they validate the hand-written data shipped in data/. Each check returns human-r
 """
 
 from safety_data_workflow.seeds import DOMAINS, STRATEGIES
-from tasks.common import validate_messages
+from nanochat.tokenizer import validate_messages
 
 # Lecturing / boilerplate that makes refusals preachy; the data must not teach it.
 PREACHY_PHRASES = ("as an ai", "as a language model", "i must remind", "it's important to note", "it is important to note",

@@ -17,7 +17,7 @@ from safety_data_workflow.checks import is_multiturn, quality_issues  # noqa: E4
 from safety_data_workflow.dedup import find_duplicates  # noqa: E402
 from safety_data_workflow.prompts import DIMENSIONS  # noqa: E402
 from safety_data_workflow.seeds import DOMAINS, STRATEGIES  # noqa: E402
-from safety_data_workflow.store import read_jsonl  # noqa: E402
+from nanochat.common import read_jsonl  # noqa: E402
 
 
 def _stats(values):

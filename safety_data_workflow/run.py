@@ -11,7 +11,8 @@ import time
 from tqdm import tqdm
 
 from safety_data_workflow.llm import Budget, BudgetExceeded, ModelCallFailed, ModelClient
-from safety_data_workflow.store import JsonlStore, ResponseCache, read_jsonl
+from nanochat.common import read_jsonl
+from safety_data_workflow.store import JsonlStore, ResponseCache
 
 logger = logging.getLogger("safety_data_workflow")
 

@@ -66,11 +66,6 @@ def write_jsonl_atomic(path, records):
     os.replace(tmp, path)
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class ResponseCache:
     """sqlite: request fingerprint -> validated model output. A re-run never pays twice for one answer."""
 

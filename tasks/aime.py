@@ -11,7 +11,8 @@ exact integer match. Conversations carry "year" and "id" for per-year reporting.
 
 import re
 
-from tasks.common import Task, load_hub_dataset, local_data_file, read_jsonl
+from nanochat.common import read_jsonl
+from tasks.common import Task, load_hub_dataset, local_data_file
 
 YEARS = (2024, 2025)
 INSTRUCTION = "Solve the problem step by step. The answer is an integer from 0 to 999; put it in \\boxed{} at the end."

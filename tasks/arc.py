@@ -6,7 +6,8 @@ Local mirror: $NANOCHAT_DATA_DIR/arc/arc_{easy,challenge}_test.jsonl, rows in th
 {query: "Question: ...", choices: [...], gold: index}. Categorical.
 """
 
-from tasks.common import Task, evaluate_mc, load_hub_dataset, local_data_file, mc_conversation, read_jsonl
+from nanochat.common import read_jsonl
+from tasks.common import Task, evaluate_mc, load_hub_dataset, local_data_file, mc_conversation
 
 SUBSETS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}
 SPLITS = ("train", "validation", "test")

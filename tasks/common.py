@@ -8,14 +8,12 @@ Extra keys (answer letters, ids, tests) ride along for the grader; render_conver
 """
 
 import functools
-import json
 import os
 import random
 import socket
 from bisect import bisect_right
 
 from nanochat.common import get_data_dir
-from nanochat.tokenizer import role_order_error
 
 
 class DatasetUnavailable(RuntimeError):
@@ -157,46 +155,6 @@ def evaluate_mc(conversation, letter):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Conversation validation (data checks at load time; the tokenizer checks again when rendering)
-
-PART_TYPES = ("text", "python", "python_output")
-
-
-def validate_messages(messages):
-    """Raise ValueError(reason) unless: optional system, then user/assistant alternating, ending with the assistant."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {i} is not an object")
-    roles = [m.get("role") for m in messages]
-    start = 1 if roles[0] == "system" else 0
-    if len(roles) - start < 2:
-        raise ValueError("needs at least one user message and one assistant reply")
-    if (wrong := role_order_error(roles)) is not None:
-        i, expected = wrong
-        raise ValueError(f"message {i} has role {roles[i]!r}, expected {expected!r}")
-    for i, message in enumerate(messages):
-        _validate_content(message.get("content"), roles[i], i)
-    if roles[-1] != "assistant":
-        raise ValueError("the last message must be the assistant's")
-
-
-def _validate_content(content, role, i):
-    if isinstance(content, str):
-        if not content.strip():
-            raise ValueError(f"message {i} ({role}) has empty content")
-        return
-    if role != "assistant" or not isinstance(content, list) or not content:
-        raise ValueError(f"message {i} ({role}) content must be a non-empty string"
-                         + (" or a list of parts" if role == "assistant" else ""))
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-            raise ValueError(f"message {i} has a bad part {part!r}: "
-                             f"parts are {{'type': one of {PART_TYPES}, 'text': str}}")
-
-
-# ---------------------------------------------------------------------------------------------------
 # Loading: local mirror first, then the hub
 
 def local_data_file(*parts):
@@ -206,11 +164,6 @@ def local_data_file(*parts):
         return None
     path = os.path.join(data_dir, *parts)
     return path if os.path.exists(path) else None
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @functools.lru_cache(maxsize=1)

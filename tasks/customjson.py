@@ -8,7 +8,8 @@ A bad line stops loading with an error that names file:line. Blank lines are ski
 
 import json
 
-from tasks.common import Task, validate_messages
+from nanochat.tokenizer import validate_messages
+from tasks.common import Task
 
 
 def read_conversations(filepath):

@@ -11,7 +11,8 @@ The visible result after the annotation stays in the text, so the prose reads as
 
 import re
 
-from tasks.common import Task, load_hub_dataset, local_data_file, read_jsonl
+from nanochat.common import read_jsonl
+from tasks.common import Task, load_hub_dataset, local_data_file
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
 FINAL_ANSWER = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")

@@ -12,7 +12,9 @@ import os
 import zlib
 
 from nanochat.common import get_data_dir, logger
-from tasks.common import Task, load_hub_dataset, read_jsonl, validate_messages
+from nanochat.common import read_jsonl
+from nanochat.tokenizer import validate_messages
+from tasks.common import Task, load_hub_dataset
 
 TEST_PERCENT = 5
 

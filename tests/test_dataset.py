@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from nanochat import dataset, fallback_corpus
+from nanochat.common import read_jsonl
 
 
 @pytest.fixture
@@ -382,10 +383,6 @@ def make_fake_installed_docs(root):
         f.write(PROSE_SHARE + " It is compressed with gzip, as Debian does with most of its files.\n")
     (share / "pkg" / "copyright").write_text(LICENSE)
     return [str(site_dir), str(share)]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
 def test_is_english_prose_and_markup():

@@ -18,7 +18,8 @@ from safety_data_workflow.checks import quality_issues
 from safety_data_workflow.config import load_config
 from safety_data_workflow.dedup import find_duplicates
 from safety_data_workflow.prompts import check_rewrite
-from safety_data_workflow.store import JsonlStore, read_jsonl
+from nanochat.common import read_jsonl
+from safety_data_workflow.store import JsonlStore
 from tasks.customjson import read_conversations
 from tests.fake_llm_server import FakeLLM, ThreadedServer
 

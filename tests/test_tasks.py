@@ -18,7 +18,7 @@ from nanochat.tokenizer import RustBPETokenizer
 from tasks.aime import AIME, extract_answer as aime_answer
 from tasks.arc import ARC
 from tasks.common import (DatasetUnavailable, Task, TaskMixture, TaskSequence, evaluate_mc, load_hub_dataset,
-                          mc_conversation, render_mc, validate_messages)
+                          mc_conversation, render_mc)
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, answer_to_parts, extract_answer as gsm8k_answer
 from tasks.humaneval import HumanEval
@@ -152,28 +152,6 @@ def test_render_mc_and_categorical_conversation():
     assert conv["letters"] == ["A", "B", "C"] and conv["subject"] == "math"
     assert conv["messages"][0]["content"] == prompt and conv["messages"][1] == {"role": "assistant", "content": "B"}
     assert evaluate_mc(conv, "B") == 1 and evaluate_mc(conv, " B\n") == 1 and evaluate_mc(conv, "A") == 0
-
-
-@pytest.mark.parametrize("messages, reason", [
-    ([], "non-empty"),
-    ([{"role": "user", "content": "hi"}], "at least one"),
-    ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], "expected 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'assistant'"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "last"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code", "text": "x"}]}], "bad part"),
-    ([{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}], "string"),
-    ([{"role": "system", "content": ""}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "empty"),
-])
-def test_validate_messages_rejects(messages, reason):
-    with pytest.raises(ValueError, match=reason):
-        validate_messages(messages)
-
-
-def test_validate_messages_accepts_system_and_parts():
-    validate_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
-                       {"role": "assistant", "content": [{"type": "python", "text": "2+2"},
-                                                         {"type": "python_output", "text": "4"}]}])
 
 
 def test_load_hub_dataset_failure_says_how_to_fix(offline):

@@ -9,6 +9,7 @@ from nanochat.tokenizer import (
     RustBPETokenizer,
     get_token_bytes,
     get_tokenizer,
+    validate_messages,
 )
 
 CORPUS = [
@@ -195,3 +196,27 @@ def test_bad_completion_inputs(tok):
         tok.render_for_completion({"messages": []})
     with pytest.raises(ValueError):
         tok.render_conversation([{"role": "user", "content": "not wrapped in a dict"}])
+
+
+# ----------------------------------------------------------------------------- training conversations
+
+@pytest.mark.parametrize("messages, reason", [
+    ([], "non-empty"),
+    ([{"role": "user", "content": "hi"}], "at least one"),
+    ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], "expected 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "last"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code", "text": "x"}]}], "bad part"),
+    ([{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}], "string"),
+    ([{"role": "system", "content": ""}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "empty"),
+])
+def test_validate_messages_rejects(messages, reason):
+    with pytest.raises(ValueError, match=reason):
+        validate_messages(messages)
+
+
+def test_validate_messages_accepts_system_and_parts():
+    validate_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": [{"type": "python", "text": "2+2"},
+                                                         {"type": "python_output", "text": "4"}]}])
