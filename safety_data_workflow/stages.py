@@ -7,7 +7,7 @@ rewritten whole at the end of their stage.
     seeds      seeds.jsonl              the seed bank (seeds.py)
     redteam    redteam_raw.jsonl        questions per (seed, strategy) -> questions.jsonl, duplicates.jsonl
     optimize   apo_evals.jsonl          answers + judge scores per (round, question) -> apo_rounds.jsonl,
-                                        best_prompt.json
+                                        best_prompt.jsonl
     answers    answers.jsonl            single- and multi-turn conversations with the best prompt
     filter     quality_scores.jsonl     rule checks + judge scores -> the final dataset, rejected.jsonl
 """
