@@ -107,6 +107,7 @@ def row_to_conversation(row, year):
 
 
 class AIME(Task):
+    eval_type = "generative"
 
     def __init__(self, year=None, **kwargs):
         super().__init__(**kwargs)
@@ -115,16 +116,9 @@ class AIME(Task):
         self.years = YEARS if year is None else (year,)
         self.rows = [(y, row) for y in self.years for row in load_year(y)]
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        year, row = self.rows[index]
-        return row_to_conversation(row, year)
+    def to_conversation(self, row):
+        year, problem = row
+        return row_to_conversation(problem, year)
 
     def evaluate(self, conversation, assistant_response):
         predicted = extract_answer(assistant_response)

@@ -36,6 +36,7 @@ def row_to_conversation(row, subset):
 
 
 class ARC(Task):
+    eval_type = "categorical"
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -51,15 +52,8 @@ class ARC(Task):
             rows = load_hub_dataset("allenai/ai2_arc", subset, split, local_file=local_name)
             self.rows = [normalize_hub_row(r) for r in rows]
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return row_to_conversation(self.rows[index], self.subset)
+    def to_conversation(self, row):
+        return row_to_conversation(row, self.subset)
 
     def evaluate(self, conversation, assistant_response):
         return evaluate_mc(conversation, assistant_response)

@@ -28,25 +28,26 @@ class Task:
     """
     A list of conversations over a dataset, viewed through a slice start:stop:step of its examples
     (e.g. Task(stop=100) for a quick eval, Task(start=1, step=2) for every other example).
-    Subclasses implement num_examples(), get_example(index), eval_type and evaluate().
+    Subclasses set eval_type and self.rows (the examples, in order) and implement to_conversation(row) and
+    evaluate(); a task whose examples are not a list of rows overrides num_examples() and get_example().
     """
+    eval_type = None  # "generative" (sample a reply, grade it) or "categorical" (pick the likeliest answer letter)
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or step < 1 or (stop is not None and stop < start):
             raise ValueError(f"bad slice start={start} stop={stop} step={step}: need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'generative' (sample a reply, grade it) or 'categorical' (pick the likeliest answer letter)."""
-        raise NotImplementedError
-
     def num_examples(self):
         """Number of underlying examples, before slicing."""
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         """Underlying example index -> conversation dict."""
+        return self.to_conversation(self.rows[index])
+
+    def to_conversation(self, row):
+        """One of self.rows -> its conversation dict."""
         raise NotImplementedError
 
     def evaluate(self, conversation, assistant_response):

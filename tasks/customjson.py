@@ -29,21 +29,15 @@ def read_conversations(filepath):
 
 
 class CustomJSON(Task):
+    eval_type = "generative"
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = read_conversations(filepath)
+        self.rows = read_conversations(filepath)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
-
-    def get_example(self, index):
-        return self.conversations[index]
+    def to_conversation(self, row):
+        return row
 
     def evaluate(self, conversation, assistant_response):
         raise NotImplementedError("CustomJSON is training data; it has no grader")

@@ -65,6 +65,7 @@ def response_text(response):
 
 
 class GSM8K(Task):
+    eval_type = "generative"
 
     def __init__(self, subset="main", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -78,15 +79,8 @@ class GSM8K(Task):
         else:
             self.rows = list(load_hub_dataset("openai/gsm8k", subset, split, local_file=local_name))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return row_to_conversation(self.rows[index])
+    def to_conversation(self, row):
+        return row_to_conversation(row)
 
     def evaluate(self, conversation, assistant_response):
         """Exact match of the "####" numbers (commas ignored); no "####" in the response is wrong."""

@@ -52,6 +52,7 @@ def build_program(conversation, completion):
 
 
 class HumanEval(Task):
+    eval_type = "generative"
 
     def __init__(self, timeout=10.0, **kwargs):
         super().__init__(**kwargs)
@@ -63,15 +64,8 @@ class HumanEval(Task):
             hub_rows = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test", local_file=LOCAL_FILE)
             self.rows = list(hub_rows)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return row_to_conversation(self.rows[index])
+    def to_conversation(self, row):
+        return row_to_conversation(row)
 
     def evaluate(self, conversation, assistant_response):
         result = execute_code(build_program(conversation, assistant_response), timeout=self.timeout)

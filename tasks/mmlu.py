@@ -47,6 +47,7 @@ def row_to_conversation(row):
 
 
 class MMLU(Task):
+    eval_type = "categorical"
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -63,15 +64,8 @@ class MMLU(Task):
             local = f"mmlu/{split}/{'<subject>' if subset == 'all' else subset}_{split}.csv"
             self.rows = [normalize_hub_row(r) for r in load_hub_dataset("cais/mmlu", subset, split, local_file=local)]
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        return row_to_conversation(self.rows[index])
+    def to_conversation(self, row):
+        return row_to_conversation(row)
 
     def evaluate(self, conversation, assistant_response):
         return evaluate_mc(conversation, assistant_response)

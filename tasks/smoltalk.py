@@ -54,6 +54,7 @@ def valid_indices(rows):
 
 
 class SmolTalk(Task):
+    eval_type = "generative"
 
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
@@ -75,10 +76,6 @@ class SmolTalk(Task):
             self.indices = [i for i in self.indices if is_test(rows[i]["messages"]) == (split == "test")]
         if self.num_skipped:
             logger.warning(f"SmolTalk: skipped {self.num_skipped} malformed conversations from {source}")
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return len(self.indices)

@@ -172,15 +172,12 @@ def count_answer_parts(word, letter):
 
 class WordTask(Task):
     """size synthetic examples over this split's words; example i is a pure function of (split, i)."""
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
         self.size, self.split = size, split
         self.words = split_words(load_words(), split)
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
