@@ -20,7 +20,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, logger
+from nanochat.common import first_error, get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -111,6 +111,20 @@ def restore_training_state(checkpoint_dir, step, model, optimizers, device, rank
     for optimizer, state in zip(optimizers, optimizer_states):
         optimizer.load_state_dict(state)
     return meta
+
+
+def resume_training(checkpoint_dir, step, model, optimizers, device, rank=0):
+    """
+    restore_training_state on every rank or on none (a collective): (meta, None), or (None, the message of
+    the first rank that could not resume). Every rank must call it.
+    """
+    meta, error = None, None
+    try:
+        meta = restore_training_state(checkpoint_dir, step, model, optimizers, device, rank)
+    except CheckpointError as e:
+        error = str(e)
+    error = first_error(error)
+    return (None, error) if error else (meta, None)
 
 
 def find_last_step(checkpoint_dir):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, restore_training_state,
+from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, resume_training,
                                          save_checkpoint)
 from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
                              autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, first_error,
@@ -160,12 +160,8 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
     optimizers = setup_optimizers(model, rank=rank, world_size=world_size, **lr)
     start_step, loader_state, curve = 0, None, {"steps": [], "loss": []}
     if args.resume_from_step >= 0:
-        error = None
-        try:
-            meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
-        except CheckpointError as e:
-            error = str(e)
-        if error := first_error(error):
+        meta, error = resume_training(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
+        if error:
             print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1

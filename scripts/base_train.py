@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, SOURCES, restore_training_state, save_checkpoint
+from nanochat.checkpoint_manager import SOURCES, resume_training, save_checkpoint
 from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
                              autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, compute_init,
                              first_error, format_duration, get_base_dir, get_dist_info, peak_flops_per_second, print0,
@@ -213,12 +213,8 @@ def main(argv=None):
     # resume: model, optimizer and loader state, and the loop's own counters
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
-        error = None
-        try:
-            meta = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
-        except CheckpointError as e:
-            error = str(e)
-        if error := first_error(error):
+        meta, error = resume_training(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
+        if error:
             print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, restore_training_state, save_checkpoint
+from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_model, resume_training, save_checkpoint
 from nanochat.common import (DEVICE_TYPES, DTYPE_CHOICES, autocast_context, broadcast_parameters, compute_cleanup,
                              compute_init, first_error, format_duration, get_base_dir, load_on_all_ranks, print0,
                              training_dtype)
@@ -146,15 +146,12 @@ def main(argv=None):
     optimizers = setup_optimizers(model, rank=rank, world_size=world_size, **lr)
     start_step = 0
     if args.resume_from_step >= 0:
-        error = None
-        try:
-            start_step = restore_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)["step"]
-        except CheckpointError as e:
-            error = str(e)
-        if error := first_error(error):
+        meta, error = resume_training(checkpoint_dir, args.resume_from_step, model, optimizers, device, rank)
+        if error:
             print0(f"error: cannot resume: {error}")
             compute_cleanup()
             return 1
+        start_step = meta["step"]
     broadcast_parameters(model)  # every rank starts from rank 0's weights
     autocast = autocast_context(device.type, training_dtype(args.dtype, device.type))
     engine = Engine(model, tokenizer)
