@@ -4,7 +4,6 @@ conversations (nanochat.conversation_loader.ConversationLoader), evaluate the lo
 checkpoint, and resume exactly from a checkpoint of this stage.
 """
 
-import argparse
 import json
 import os
 import time
@@ -13,61 +12,14 @@ import torch
 
 from nanochat.checkpoint_manager import (SOURCES, CheckpointError, find_meta, load_model, resume_training,
                                          save_checkpoint)
-from nanochat.common import (COMPILE_MODES, DEVICE_TYPES, DTYPE_CHOICES, DummyWandb, autocast_context,
-                             autodetect_device_type, broadcast_parameters, compile_model, compute_cleanup, first_error,
-                             format_duration, get_base_dir, get_dist_info, load_on_all_ranks, print0,
-                             resolve_compile_mode, synchronize, training_dtype)
+from nanochat.common import (DummyWandb, autocast_context, autodetect_device_type, broadcast_parameters, compile_model,
+                             compute_cleanup, first_error, format_duration, get_base_dir, get_dist_info,
+                             load_on_all_ranks, print0, resolve_compile_mode, synchronize, training_dtype)
 from nanochat.conversation_loader import ConversationLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.memory import log_peak_memory, planned_dtype, planned_vocab_size, training_plan
 from nanochat.optim import apply_schedule, checkpoint_states, setup_optimizers
 from nanochat.report import get_report
-
-
-def add_finetune_flags(p, source, dest, lr_frac, max_seq_len, device_batch_size, examples_per_step):
-    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
-    p.add_argument("--source", default=source, choices=list(SOURCES), help="the checkpoints to start from")
-    p.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest)")
-    p.add_argument("--model-step", type=int, default=None, help="checkpoint step to start from (default: newest)")
-    p.add_argument("--dest", default=dest, choices=list(SOURCES), help=argparse.SUPPRESS)
-    p.add_argument("--max-seq-len", type=int, default=max_seq_len)
-    p.add_argument("--device-batch-size", type=int, default=device_batch_size)
-    p.add_argument("--examples-per-step", type=int, default=examples_per_step,
-                   help="rows per optimizer step over all processes (gradient accumulation is derived)")
-    p.add_argument("--num-epochs", type=float, default=1.0)
-    p.add_argument("--num-iterations", type=int, default=-1, help="overrides --num-epochs")
-    p.add_argument("--init-lr-frac", type=float, default=lr_frac, help="learning rates relative to pretraining")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of the run with a linearly falling lr")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--save-every", type=int, default=-1)
-    p.add_argument("--resume-from-step", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES, help="auto: default on cuda, none elsewhere")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="compute dtype (autocast; weights stay fp32). auto: bf16 where the device has native bf16")
-    p.add_argument("--dry-run", action="store_true", help="print parameters, tokens, FLOPs, accumulation and the "
-                   "estimated peak memory per GPU, end with a JSON line, and exit (loads no weights and no data)")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="--dry-run: processes to plan for (default: torchrun's WORLD_SIZE, else 1)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="--dry-run with no checkpoint yet: plan for a base model of this depth (as base_train builds it)")
-
-
-def check_finetune_flags(p, args):
-    for name in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_epochs <= 0 or args.num_iterations == 0 or not 0 < args.init_lr_frac <= 10:
-        p.error("--num-epochs and --num-iterations must be positive, --init-lr-frac in (0, 10]")
-    if not 0 <= args.warmdown_ratio <= 1:
-        p.error("--warmdown-ratio must be in [0, 1]")
-    if (args.world_size is not None and args.world_size < 1) or (args.depth is not None and args.depth < 1):
-        p.error("--world-size and --depth must be >= 1")
 
 
 @torch.no_grad()
@@ -132,7 +84,10 @@ def dry_run(args):
 
 
 def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
-    """Train `args.source` -> `args.dest` checkpoints on conversations. Returns the process exit code."""
+    """
+    Train `args.source` -> `args.dest` checkpoints on conversations. args: the stage's settings (the flags of
+    scripts/finetune_cli.py, or any object with those attributes). Returns the process exit code.
+    """
     is_ddp, rank, _, world_size, device = ddp_info
     error = None
     try:

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from nanochat.common import DataMismatch, compute_cleanup, compute_init, print0, print_all
-from nanochat.finetune import add_finetune_flags, check_finetune_flags, dry_run, finetune, load_available
+from nanochat.finetune import load_available
+from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, run
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 PROJECT_CONVERSATIONS = ["identity_conversations.jsonl", "safety_sft_conversations_multiturn_filtered.jsonl"]
@@ -48,25 +48,12 @@ def main(argv=None):
     p.add_argument("--custom-json", action="append", default=[], help="extra JSONL of conversations (repeatable)")
     args = p.parse_args(argv)
     check_finetune_flags(p, args)
-    if args.dry_run:
-        return dry_run(args)
     for f in args.custom_json:
         if not os.path.exists(f):
             p.error(f"--custom-json file not found: {f}")
-    ddp_info = compute_init(args.device_type, seed=args.seed)
-    print0("SFT data:")
-    try:
-        train_set, val_set, summary = build_mixture(args.custom_json)
-    except DataMismatch as e:
-        print_all(f"error: {e}")
-        compute_cleanup()
-        return 1
-    if train_set is None:
-        print0("error: no conversation data could be loaded. Go online (Hugging Face hub), set NANOCHAT_DATA_DIR to a "
-               "local mirror with chat_sft/*.messages.jsonl, or pass --custom-json FILE.")
-        compute_cleanup()
-        return 1
-    return finetune(args, train_set, val_set, packed=False, section="Chat SFT", ddp_info=ddp_info, data_summary=summary)
+    return run(args, lambda: build_mixture(args.custom_json), packed=False, section="Chat SFT",
+               no_data_hint="Go online (Hugging Face hub), set NANOCHAT_DATA_DIR to a local mirror with "
+                            "chat_sft/*.messages.jsonl, or pass --custom-json FILE.")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from nanochat.common import DataMismatch, compute_cleanup, compute_init, print0, print_all
-from nanochat.finetune import add_finetune_flags, check_finetune_flags, dry_run, finetune, load_available
+from nanochat.finetune import load_available
+from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, run
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -48,22 +48,8 @@ def main(argv=None):
     add_finetune_flags(p, source="base", dest="mid", lr_frac=1.0, max_seq_len=2048, device_batch_size=32, examples_per_step=256)
     args = p.parse_args(argv)
     check_finetune_flags(p, args)
-    if args.dry_run:
-        return dry_run(args)
-    ddp_info = compute_init(args.device_type, seed=args.seed)
-    print0("midtraining data:")
-    try:
-        train_set, val_set, summary = build_mixture()
-    except DataMismatch as e:
-        print_all(f"error: {e}")
-        compute_cleanup()
-        return 1
-    if train_set is None:
-        print0("error: no conversation data could be loaded. Go online (Hugging Face hub) or set NANOCHAT_DATA_DIR "
-               "to a local mirror (gsm8k/, chat_sft/).")
-        compute_cleanup()
-        return 1
-    return finetune(args, train_set, val_set, packed=True, section="Midtraining", ddp_info=ddp_info, data_summary=summary)
+    return run(args, build_mixture, packed=True, section="Midtraining",
+               no_data_hint="Go online (Hugging Face hub) or set NANOCHAT_DATA_DIR to a local mirror (gsm8k/, chat_sft/).")
 
 
 if __name__ == "__main__":
