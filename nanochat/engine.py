@@ -38,6 +38,25 @@ def _select_rows(value, indices):
     return value
 
 
+def prefill_logits(model, prompts, pad_id, kv_cache=None):
+    """
+    The logits after each prompt's last token, (P, V) float32, from one forward over the prompts right-padded
+    to the longest: a row's pads come after its tokens, so causal attention never lets a real token see them.
+    With a kv_cache (one row per prompt, each continuing from its current length) the prompts' K/V are
+    written into it and each row's length then counts its real tokens only (the pads' K/V are overwritten
+    later, never read).
+    """
+    device = model.get_device()
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    ids = torch.tensor([p + [pad_id] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+    start = None if kv_cache is None else kv_cache.lengths.clone()
+    logits = model(ids, kv_cache=kv_cache, logits_at=torch.tensor(lengths, device=device) - 1)[:, 0]
+    if kv_cache is not None:
+        kv_cache.set_lengths(start + torch.tensor(lengths))
+    return logits
+
+
 class Engine:
     """
     Generation with the KV cache: prefill once, then one forward per generated token (or per verified
@@ -83,15 +102,9 @@ class Engine:
         Returns (kv_cache with len(prompts) * num_samples rows, last-token logits (rows, V) float32);
         rows i*num_samples .. i*num_samples + num_samples-1 belong to prompt i.
         """
-        device = self.model.get_device()
-        lengths = [len(p) for p in prompts]
-        T = max(lengths)
-        pad = self.tokenizer.get_pad_token_id()
-        ids = torch.tensor([p + [pad] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)
+        T = max(map(len, prompts))
         kv_cache = KVCache.for_model(self.model, len(prompts), T)
-        last_index = torch.tensor(lengths, device=device) - 1
-        last = self.model(ids, kv_cache=kv_cache, logits_at=last_index)[:, 0]  # (P, V)
-        kv_cache.set_lengths(lengths)
+        last = prefill_logits(self.model, prompts, self.tokenizer.get_pad_token_id(), kv_cache)  # (P, V)
         rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
         kv_cache.reorder(rows, seq_len=max(capacity or T, T))
         return kv_cache, last[rows]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import (DEVICE_TYPES, DataMismatch, autocast_context, compute_cleanup, compute_init, first_error,
                              load_on_all_ranks, print0, print_all, progress)
-from nanochat.engine import Engine
+from nanochat.engine import Engine, prefill_logits
 from nanochat.report import chat_eval_section, get_report
 from nanochat.sampling import validate_sampling_params
 
@@ -89,7 +89,7 @@ def split_by_fit(chunk, conversations, prompts, fits):
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, batch_size, device):
     """Returns [Record] for this rank's problems: the answer is the predicted letter."""
-    bos, context_len = tokenizer.get_bos_token_id(), model.config.sequence_len
+    context_len = model.config.sequence_len
     out = []
     for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
         chunk = indices[start:start + batch_size]
@@ -100,10 +100,7 @@ def run_categorical(model, tokenizer, task, indices, batch_size, device):
         out += [Record(i, c, None, 0, too_long(context_len)) for i, c in dropped]
         if not prompts:
             continue
-        longest = max(map(len, prompts))
-        ids = torch.tensor([p + [bos] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        logits = model(ids, logits_at=last)[:, 0]  # (B, V)
+        logits = prefill_logits(model, prompts, tokenizer.get_pad_token_id())  # (B, V)
         for row, conversation in enumerate(conversations):
             letters = conversation["letters"]
             letter_ids = [tokenizer.encode(letter) for letter in letters]

@@ -43,7 +43,7 @@ from collections import defaultdict, deque
 import torch
 
 from nanochat.common import autocast_context
-from nanochat.engine import Engine
+from nanochat.engine import Engine, prefill_logits
 from nanochat.grammar import GrammarCompiler, Matcher, mask_rows_
 from nanochat.kv_cache import KVCache
 from nanochat.tools import RowState
@@ -379,12 +379,7 @@ class Scheduler:
             seq.cached = self.prefix_cache.load(row, min(n, self.context_len - longest), seq.slot)
         rests = [seq.context()[seq.cached:] for seq in leaders]
         view = self.kv_cache.view(start, start + len(leaders))
-        pad = self.tokenizer.get_pad_token_id()
-        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rests], dtype=torch.long, device=self.device)
-        last = torch.tensor([len(r) - 1 for r in rests], device=self.device)
-        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]  # (leaders, V)
-        # right padding sits past each row's length: never attended, overwritten later
-        view.set_lengths([seq.cached + len(r) for seq, r in zip(leaders, rests)])
+        logits = prefill_logits(self.model, rests, self.tokenizer.get_pad_token_id(), view)  # (leaders, V)
         self.counters["prefill_tokens"] += sum(map(len, rests))
         for seq, rest in zip(leaders, rests):
             seq.cached += len(rest)
