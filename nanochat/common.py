@@ -3,6 +3,7 @@ Things every stage needs: where files live, which device to run on, distributed 
 """
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,26 @@ def read_jsonl(path):
     """A JSON Lines file as a list of its records (blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json_object(path):
+    """A JSON file whose top level is an object, as a dict; ValueError naming the file (and line) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")  # noqa: TRY004 (callers catch ValueError)
+    return data
+
+
+def check_known_fields(data, config_class, where):
+    """ValueError for the first key of data that is not a field of the dataclass config_class (a typo'd setting)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for name in data:
+        if name not in known:
+            raise ValueError(f"{where}: unknown field {name!r}")
 
 
 def format_duration(seconds):

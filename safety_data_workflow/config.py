@@ -7,9 +7,10 @@ the key only reaches the client constructor, and repr() hides it.
 """
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
+
+from nanochat.common import check_known_fields, read_json_object
 
 PROVIDERS = ("openai", "anthropic")
 
@@ -78,30 +79,17 @@ MODEL_FIELDS = ("red_team", "blue_team", "judge", "optimizer")
 def _model_from(data, where, default):
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be an object")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    for name in data:
-        if name not in known:
-            raise ValueError(f"{where}: unknown field {name!r}")
+    check_known_fields(data, ModelConfig, where)
     return dataclasses.replace(default, **data)
 
 
 def load_config(path=None, overrides=None):
     """Defaults <- the JSON file <- overrides (a dict of top-level fields, e.g. from flags); validated."""
     config = WorkflowConfig()
-    data = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+    data = read_json_object(path) if path is not None else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in dataclasses.fields(WorkflowConfig)}
+    check_known_fields(data, WorkflowConfig, "config")
     for name, value in data.items():
-        if name not in known:
-            raise ValueError(f"config: unknown field {name!r}")
         if name in MODEL_FIELDS:
             value = _model_from(value, f"config.{name}", getattr(config, name))
         setattr(config, name, value)

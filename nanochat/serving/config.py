@@ -6,11 +6,11 @@ with a typo'd limit silently ignored. With no API keys configured, auth is off (
 """
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
+from nanochat.common import check_known_fields, read_json_object
 from nanochat.sampling import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
@@ -72,17 +72,8 @@ FLOAT_FIELDS = {f.name for f in dataclasses.fields(ServerConfig) if f.type is fl
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")  # noqa: TRY004 (callers catch ValueError)
-    known = {f.name for f in dataclasses.fields(ServerConfig)}
-    for name in data:
-        if name not in known:
-            raise ValueError(f"{path}: unknown config field {name!r}")
+    data = read_json_object(path)
+    check_known_fields(data, ServerConfig, path)
     return data
 
 
