@@ -32,3 +32,24 @@ def run_main(capsys, monkeypatch):
         assert code == expect, f"{module} {argv} exited {code}:\n{output[-3000:]}"
         return output
     return run
+
+
+def tiny_gpt(vocab_size, seed=0, proj_std=None, **config):
+    """
+    A small GPT in eval mode, seeded: GPTConfig(vocab_size=vocab_size, **config) over a 2-layer, 2-head,
+    width-32, 128-token default. proj_std re-draws the residual projections (zero at init) with that std, so
+    that different inputs give different outputs (what generation tests compare).
+    """
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    config = dict(sequence_len=128, n_layer=2, n_head=2, n_kv_head=config.get("n_head", 2), n_embd=32) | config
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, **config))
+    model.init_weights()
+    if proj_std is not None:
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, std=proj_std)
+    return model.eval()

@@ -7,15 +7,14 @@ import json
 import os
 
 import pytest
-import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import Report, summary_notes
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
 from tasks.common import Task
+from tests.conftest import tiny_gpt
 
 CORPUS = ["What is 3 times 4? It is 12. Which letter is right: A, B, C or D? The answer is B. " * 30]
 
@@ -26,11 +25,7 @@ def tok():
 
 
 def tiny_model(tok, sequence_len=48):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2,
-                          n_kv_head=2, n_embd=32))
-    model.init_weights()
-    return model.eval()
+    return tiny_gpt(tok.get_vocab_size(), sequence_len=sequence_len, n_layer=1)
 
 
 class Questions(Task):

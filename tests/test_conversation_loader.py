@@ -5,6 +5,7 @@ import torch
 
 from nanochat.conversation_loader import ConversationLoader
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +81,7 @@ def test_every_batch_has_the_same_shape(tokenizer, packed):
 def test_fixed_shape_loss_equals_the_loss_without_trailing_padding(tokenizer, packed):
     """Padding to max_len changes nothing: it sits after every real token and carries no targets. The
     loader used to pad only to the longest row of the batch, which is the cropped batch here."""
-    from nanochat.gpt import GPT, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                          n_embd=32))
-    model.init_weights()
+    model = tiny_gpt(tokenizer.get_vocab_size())
     loader = ConversationLoader(conversations(30), tokenizer, B=4, max_len=128, packed=packed)
     cropped_any = False
     for _ in range(4):

@@ -33,8 +33,8 @@ from nanochat.core_eval import (
     score_sequences,
     tokenize_candidates,
 )
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_gpt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("The cat sat on the mat. The dog ran home. Question: what is red? Answer: the apple. "
@@ -83,12 +83,8 @@ def tokenizer():
     return RustBPETokenizer.train_from_iterator(iter([CORPUS]), 300)
 
 
-def tiny_gpt(tokenizer, sequence_len=64):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
-                          n_kv_head=2, n_embd=32))
-    model.init_weights()
-    return model.eval()
+def tiny_model(tokenizer, sequence_len=64):
+    return tiny_gpt(tokenizer.get_vocab_size(), sequence_len=sequence_len, n_layer=1)
 
 
 def meta(task_type, num_fewshot=0, delimiter=" "):
@@ -196,7 +192,7 @@ def test_stub_model_choice_is_scored_per_task_type(tokenizer, task_type):
 
 
 def test_score_sequences_matches_the_model_loss_and_ignores_padding(tokenizer):
-    model = tiny_gpt(tokenizer)
+    model = tiny_model(tokenizer)
     seqs = tokenize_candidates(tokenizer, [("The cat sat on", " the mat."), ("Paris is the capital of", " France."),
                                            ("A", " zebra has stripes. The sun is hot and the snow is cold.")])
     mean_losses, all_match = score_sequences(model, seqs, tokenizer.get_bos_token_id(), "cpu")
@@ -219,13 +215,13 @@ def test_each_rank_takes_every_world_size_th_example_and_counts_are_summed(token
     for rank in (0, 1):
         seen[rank] = []
         monkeypatch.setattr(core_eval, "_dist_rank_world", lambda: (rank, 2))
-        evaluate_task(tiny_gpt(tokenizer), tokenizer, meta("language_modeling"), LM_ROWS, "cpu")
+        evaluate_task(tiny_model(tokenizer), tokenizer, meta("language_modeling"), LM_ROWS, "cpu")
     assert seen[0] == [r["context"] for r in LM_ROWS[0::2]] and seen[1] == [r["context"] for r in LM_ROWS[1::2]]
     assert [total for _, _, total in reduced] == [3, 2]  # (correct, cropped, total) of each rank are all-reduced
 
 
 def test_evaluate_task_real_model_all_task_types_and_batching_agree(tokenizer):
-    model = tiny_gpt(tokenizer, sequence_len=32)  # short: the 1-2 shot prompts get truncated from the left
+    model = tiny_model(tokenizer, sequence_len=32)  # short: the 1-2 shot prompts get truncated from the left
     cases = [("multiple_choice", MC_ROWS, 1), ("schema", SCHEMA_ROWS, 0), ("language_modeling", LM_ROWS, 2)]
     total_cropped = 0
     for task_type, rows, shots in cases:
@@ -233,7 +229,7 @@ def test_evaluate_task_real_model_all_task_types_and_batching_agree(tokenizer):
         accuracy, cropped = evaluate_task(model, tokenizer, task, rows, "cpu")
         assert 0.0 <= accuracy <= 1.0 and 0 <= cropped <= len(rows)
         assert evaluate_task(model, tokenizer, task, rows, "cpu", batch_size=5) == (accuracy, cropped)
-        assert evaluate_task(tiny_gpt(tokenizer, sequence_len=1024), tokenizer, task, rows, "cpu")[1] == 0
+        assert evaluate_task(tiny_model(tokenizer, sequence_len=1024), tokenizer, task, rows, "cpu")[1] == 0
         total_cropped += cropped
     assert total_cropped > 0  # the 32-token context crops some few-shot prompts: counted
 
@@ -269,7 +265,7 @@ def test_malformed_rows_are_refused_with_the_file_and_line(tmp_path):
 
 def test_evaluate_core_skips_missing_files_and_marks_partial(tokenizer, tmp_path):
     bundle_dir = write_bundle(tmp_path / "bundle")
-    out = evaluate_core(tiny_gpt(tokenizer), tokenizer, "cpu", bundle_dir=bundle_dir, max_per_task=3)
+    out = evaluate_core(tiny_model(tokenizer), tokenizer, "cpu", bundle_dir=bundle_dir, max_per_task=3)
     assert list(out["results"]) == ["tiny_mc", "tiny_schema", "tiny_lm"]
     assert out["skipped"] == ["tiny_missing"] and out["partial"] is True
     assert out["examples"] == {"tiny_mc": 3, "tiny_schema": 3, "tiny_lm": 3}
@@ -349,7 +345,7 @@ def test_offline_without_bundle_says_what_to_do(monkeypatch, isolated_base_dir):
 def tiny_checkpoint(tokenizer, isolated_base_dir):
     """A tokenizer and a d1 base checkpoint (step 5) in $NANOCHAT_BASE_DIR."""
     tokenizer.save(str(isolated_base_dir / "tokenizer"))
-    model = tiny_gpt(tokenizer)
+    model = tiny_model(tokenizer)
     save_checkpoint(str(isolated_base_dir / "base_checkpoints" / "d1"), 5, model.state_dict(), None,
                     dict(model_config=model.config_dict(), user_config={"depth": 1}))
     return isolated_base_dir
@@ -428,6 +424,6 @@ def test_real_bundle_tasks_present_and_skipped(tokenizer):
     missing = [t["label"] for t in tasks if not os.path.isfile(t["path"])]
     assert missing == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
     # every present file parses with its task type's fields, and 2 examples per task run end to end
-    out = evaluate_core(tiny_gpt(tokenizer), tokenizer, "cpu", bundle_dir=REAL_BUNDLE, max_per_task=2)
+    out = evaluate_core(tiny_model(tokenizer), tokenizer, "cpu", bundle_dir=REAL_BUNDLE, max_per_task=2)
     assert len(out["results"]) == 18 and out["skipped"] == missing and out["partial"]
     assert all(0.0 <= a <= 1.0 for a in out["results"].values())

@@ -4,8 +4,9 @@ import torch
 from nanochat.engine import Engine
 from nanochat.kv_cache import KVCache
 from nanochat.tools import calculator
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_gpt
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
 
@@ -16,14 +17,8 @@ def tokenizer():
 
 
 def tiny_model(vocab_size, attention="mha", n_kv_head=4, seed=0, sequence_len=128):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4,
-                          n_kv_head=n_kv_head, n_embd=64, attention=attention))
-    model.init_weights()
-    for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
+    return tiny_gpt(vocab_size, seed, proj_std=0.05, sequence_len=sequence_len, n_head=4, n_kv_head=n_kv_head,
+                    n_embd=64, attention=attention)
 
 
 def naive_greedy(model, prompt, max_tokens, terminal):

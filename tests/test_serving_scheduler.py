@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.serving.scheduler import Scheduler
 from nanochat.serving.tickets import Overloaded, Ticket
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_gpt
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
 
@@ -22,14 +22,9 @@ def tokenizer():
 @pytest.fixture(scope="module", params=[("mha", 4), ("mla", 4)])
 def model(request, tokenizer):
     attention, n_kv_head = request.param
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
-                          n_kv_head=n_kv_head, n_embd=64, attention=attention))
-    model.init_weights()
-    for name, p in model.named_parameters():  # non-zero projections so different prompts give different text
-        if name.endswith("c_proj.weight"):
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
+    # non-zero projections so different prompts give different text
+    return tiny_gpt(tokenizer.get_vocab_size(), proj_std=0.05, n_head=4, n_kv_head=n_kv_head, n_embd=64,
+                    attention=attention)
 
 
 def prompts(n, seed=0):
@@ -211,11 +206,8 @@ def test_speculative_lone_request_and_rejoin_stay_exact(model, tokenizer):
 
 
 def test_speculative_with_a_draft_model_is_exact(model, tokenizer):
-    torch.manual_seed(1)
-    draft = GPT(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
-                          n_embd=32))
-    draft.init_weights()
-    scheduler = Scheduler(model, tokenizer, max_batch_size=2, draft=draft.eval(), speculative_proposals=4)
+    draft = tiny_gpt(tokenizer.get_vocab_size(), seed=1, n_layer=1)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, draft=draft, speculative_proposals=4)
     p = prompts(1, seed=11)[0]
 
     async def main():

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.sampling import process_logits
 from nanochat.speculative import (NgramDrafter, acceptance_gamma, entropy_gamma, expected_tokens_per_forward,
                                   verify)
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_gpt
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
 
@@ -17,14 +17,8 @@ def tokenizer():
 
 
 def tiny_model(vocab_size, n_layer=2, attention="mha", seed=0, n_embd=64, init_std=0.05):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=n_layer, n_head=4, n_kv_head=4,
-                          n_embd=n_embd, attention=attention))
-    model.init_weights()
-    for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            torch.nn.init.normal_(p, std=init_std)
-    return model.eval()
+    return tiny_gpt(vocab_size, seed, proj_std=init_std, sequence_len=256, n_layer=n_layer, n_head=4, n_embd=n_embd,
+                    attention=attention)
 
 
 @pytest.mark.parametrize("attention", ["mha", "mla"])
