@@ -17,11 +17,16 @@ import json
 import os
 import re
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from nanochat.common import first_error, get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
+
+if TYPE_CHECKING:  # annotations only: the tokenizer is imported where a model is loaded
+    from nanochat.tokenizer import RustBPETokenizer
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
@@ -149,7 +154,7 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def build_model(checkpoint_dir, step, device, phase):
+def build_model(checkpoint_dir: str, step: int, device: torch.device, phase: str) -> tuple[GPT, dict]:
     """Construct a GPT from a checkpoint. phase is "train" or "eval". Returns (model, meta)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
@@ -171,7 +176,7 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, meta
 
 
-def find_checkpoint(source, model_tag=None, step=None):
+def find_checkpoint(source: str, model_tag: str | None = None, step: int | None = None) -> tuple[str, str, int]:
     """(checkpoint_dir, model_tag, step) of a source's checkpoint: the largest tag and newest step by default."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -188,7 +193,8 @@ def find_meta(source, model_tag=None, step=None):
     return load_meta(checkpoint_dir, step)
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
+def load_model(source: str, device, phase: str, model_tag: str | None = None,
+               step: int | None = None) -> tuple[GPT, "RustBPETokenizer", dict]:
     """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta)."""
     from nanochat.tokenizer import get_tokenizer
     checkpoint_dir, model_tag, step = find_checkpoint(source, model_tag, step)
@@ -202,7 +208,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
     return model, tokenizer, meta
 
 
-def load_draft(source, draft_tag, device):
+def load_draft(source: str, draft_tag: str | None, device) -> GPT | str | None:
     """
     The draft for speculative decoding (Engine's `draft`): None without a tag, "ngram" for the n-gram drafter,
     else the model `draft_tag` of the same source (it must share the target's tokenizer).

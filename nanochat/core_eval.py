@@ -341,7 +341,8 @@ def _prepared_examples(model, tokenizer, task_meta, rows, indices):
         yield rows[idx], [crop_left(ids, start, max_len) for ids, start in seqs], cropped
 
 
-def evaluate_task(model, tokenizer, task_meta, rows, device, max_examples=None, batch_size=None):
+def evaluate_task(model, tokenizer, task_meta: dict, rows: list[dict], device, max_examples: int | None = None,
+                  batch_size: int | None = None) -> tuple[float, int]:
     """
     (accuracy, examples cropped) of the model on one task: an example longer than the model's context loses
     tokens from the left of its context and is still scored. Each rank evaluates examples rank::world and the

@@ -3,12 +3,17 @@ Generation: prefill once, then one forward per generated token (or per verified 
 decoding), for one prompt or a batch of prompts of different lengths, with the calculator tool.
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nanochat.kv_cache import KVCache
 from nanochat.sampling import sample_next_token, validate_sampling_params
 from nanochat.speculative import SpeculativeRun
 from nanochat.tools import RowState
+
+if TYPE_CHECKING:  # annotations only: anything with GPT's forward(ids, kv_cache=, logits_at=) works
+    from nanochat.gpt import GPT
 
 
 def _normalize_prompts(tokens):
@@ -38,7 +43,8 @@ def _select_rows(value, indices):
     return value
 
 
-def prefill_logits(model, prompts, pad_id, kv_cache=None):
+def prefill_logits(model: "GPT", prompts: list[list[int]], pad_id: int,
+                   kv_cache: KVCache | None = None) -> torch.Tensor:
     """
     The logits after each prompt's last token, (P, V) float32, from one forward over the prompts right-padded
     to the longest: a row's pads come after its tokens, so causal attention never lets a real token see them.
@@ -63,7 +69,7 @@ class Engine:
     draft, with speculative decoding). `draft` is None, a small GPT sharing the tokenizer, or "ngram".
     """
 
-    def __init__(self, model, tokenizer, draft=None):
+    def __init__(self, model: "GPT", tokenizer, draft: "GPT | str | None" = None):
         self.model, self.tokenizer, self.draft = model, tokenizer, draft
 
     @property
@@ -95,7 +101,8 @@ class Engine:
         return room if max_tokens is None else min(max_tokens, room)
 
     @torch.inference_mode()
-    def prefill(self, prompts, num_samples=1, capacity=None):
+    def prefill(self, prompts: list[list[int]], num_samples: int = 1,
+                capacity: int | None = None) -> tuple[KVCache, torch.Tensor]:
         """
         Run the prompts once, right-padded into one batch (row i's pad positions come after its tokens,
         so causal attention never sees them, and the cache lengths are then set to the real lengths).
@@ -170,7 +177,7 @@ class Engine:
         return SpeculativeRun(self.model, self.tokenizer, self.draft, prompts[0], max_new, temperature, top_k, top_p,
                               seed, gamma, **options)
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_batch(self, tokens, num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """
         Non-streaming generate. Returns (results, masks): one token list per row, the prompt included and
         the terminal token excluded. For one prompt: num_samples rows. For a list of prompts: row

@@ -15,7 +15,7 @@ from nanochat.common import progress
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes, desc=None):
+def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, desc: str | None = None) -> tuple[float, int]:
     """
     model: a GPT (or its compiled wrapper); batches: iterator of (inputs, targets) (B, T);
     steps: how many batches this rank evaluates (fewer if the iterator ends); token_bytes: (vocab,) int;
