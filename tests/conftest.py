@@ -5,6 +5,18 @@ import sys
 import pytest
 
 
+# text for a small BPE vocabulary: words, digits, arithmetic (the calculator tool's expressions)
+CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token tokenizer trained on CORPUS, once per test session (files whose tests need other text
+    define their own `tokenizer` fixture, which takes precedence)."""
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.train_from_iterator(iter(CORPUS), 300)
+
+
 @pytest.fixture(autouse=True)
 def isolated_base_dir(tmp_path, monkeypatch):
     """No test reads or writes the user's ~/.cache/nanochat: each gets its own NANOCHAT_BASE_DIR."""

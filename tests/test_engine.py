@@ -5,16 +5,7 @@ from nanochat.engine import Engine
 from nanochat.kv_cache import KVCache
 from nanochat.tools import calculator
 from nanochat.gpt import GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
 from tests.conftest import tiny_gpt
-
-CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(CORPUS), 300)
-
 
 def tiny_model(vocab_size, attention="mha", n_kv_head=4, seed=0, sequence_len=128):
     return tiny_gpt(vocab_size, seed, proj_std=0.05, sequence_len=sequence_len, n_head=4, n_kv_head=n_kv_head,

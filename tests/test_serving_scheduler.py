@@ -8,16 +8,7 @@ import torch
 from nanochat.engine import Engine
 from nanochat.serving.scheduler import Scheduler
 from nanochat.serving.tickets import Overloaded, Ticket
-from nanochat.tokenizer import RustBPETokenizer
 from tests.conftest import tiny_gpt
-
-CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(CORPUS), 300)
-
 
 @pytest.fixture(scope="module", params=[("mha", 4), ("mla", 4)])
 def model(request, tokenizer):

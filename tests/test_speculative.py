@@ -5,16 +5,7 @@ from nanochat.engine import Engine
 from nanochat.sampling import process_logits
 from nanochat.speculative import (NgramDrafter, acceptance_gamma, entropy_gamma, expected_tokens_per_forward,
                                   verify)
-from nanochat.tokenizer import RustBPETokenizer
 from tests.conftest import tiny_gpt
-
-CORPUS = ["the quick brown fox jumps over the lazy dog. " * 30, "hello world, numbers 12 345 6789 and 1+2=3. " * 30]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(CORPUS), 300)
-
 
 def tiny_model(vocab_size, n_layer=2, attention="mha", seed=0, n_embd=64, init_std=0.05):
     return tiny_gpt(vocab_size, seed, proj_std=init_std, sequence_len=256, n_layer=n_layer, n_head=4, n_embd=n_embd,
