@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 from nanochat.common import get_base_dir
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
@@ -36,15 +38,23 @@ def parse_args(argv=None):
 
 
 def text_iterator(batches, max_chars, doc_cap, stats):
-    """Documents capped at doc_cap chars, until max_chars in total; stats counts what was used."""
-    for batch in batches:
-        for doc in batch:
-            doc = doc[:doc_cap]
-            stats["chars"] += len(doc)
-            stats["docs"] += 1
-            yield doc
+    """
+    Documents capped at doc_cap chars, until max_chars in total; stats counts what was used. A progress bar
+    follows the reading; the BPE merges are computed after the last document, which the log says.
+    """
+    with tqdm(total=max_chars, desc="reading text", unit="char", unit_scale=True, leave=False) as bar:
+        for batch in batches:
+            for doc in batch:
+                doc = doc[:doc_cap]
+                stats["chars"] += len(doc)
+                stats["docs"] += 1
+                bar.update(len(doc))
+                yield doc
+                if stats["chars"] >= max_chars:
+                    break
             if stats["chars"] >= max_chars:
-                return
+                break
+    print(f"read {stats['docs']:,} documents ({stats['chars']:,} characters); computing the merges...", flush=True)
 
 
 def first_batch_or_exit(batches):
