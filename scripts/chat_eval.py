@@ -79,11 +79,18 @@ def too_long(context_len):
     return f"prompt longer than the {context_len}-token context"
 
 
-def split_by_fit(chunk, conversations, prompts, fits):
-    """([chunk, conversations, prompts] of the prompts that fit, [(index, conversation)] of those that don't)."""
-    keep = [fits(p) for p in prompts]
-    kept = [[x for x, k in zip(xs, keep) if k] for xs in (chunk, conversations, prompts)]
-    return kept, [(i, c) for i, c, k in zip(chunk, conversations, keep) if not k]
+def prompt_batches(task, tokenizer, indices, batch_size, fits):
+    """
+    Per batch of batch_size problems: (its offset in indices, [chunk, conversations, prompts] of the problems
+    whose prompt fits, [(index, conversation)] of those whose prompt does not), with a progress bar.
+    """
+    for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
+        chunk = indices[start:start + batch_size]
+        conversations = [task[i] for i in chunk]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        keep = [fits(p) for p in prompts]
+        kept = [[x for x, k in zip(xs, keep) if k] for xs in (chunk, conversations, prompts)]
+        yield start, kept, [(i, c) for i, c, k in zip(chunk, conversations, keep) if not k]
 
 
 @torch.no_grad()
@@ -91,12 +98,8 @@ def run_categorical(model, tokenizer, task, indices, batch_size, device):
     """Returns [Record] for this rank's problems: the answer is the predicted letter."""
     context_len = model.config.sequence_len
     out = []
-    for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
-        chunk = indices[start:start + batch_size]
-        conversations = [task[i] for i in chunk]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        (chunk, conversations, prompts), dropped = split_by_fit(chunk, conversations, prompts,
-                                                                lambda p: len(p) <= context_len)
+    for _, (chunk, conversations, prompts), dropped in prompt_batches(task, tokenizer, indices, batch_size,
+                                                                      lambda p: len(p) <= context_len):
         out += [Record(i, c, None, 0, too_long(context_len)) for i, c in dropped]
         if not prompts:
             continue
@@ -117,12 +120,8 @@ def run_generative(engine, task, indices, batch_size, num_samples, max_new_token
     """Returns [Record] for this rank's problems: correct if any of the samples is (pass@n)."""
     tokenizer, context_len = engine.tokenizer, engine.context_len
     out = []
-    for start in progress(range(0, len(indices), batch_size), type(task).__name__, unit="batch"):
-        chunk = indices[start:start + batch_size]
-        conversations = [task[i] for i in chunk]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        (chunk, conversations, prompts), dropped = split_by_fit(chunk, conversations, prompts,
-                                                                lambda p: len(p) < context_len)
+    for start, (chunk, conversations, prompts), dropped in prompt_batches(task, tokenizer, indices, batch_size,
+                                                                          lambda p: len(p) < context_len):
         out += [Record(i, c, [], 0, too_long(context_len)) for i, c in dropped]
         if not prompts:
             continue
