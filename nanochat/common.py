@@ -78,7 +78,7 @@ def autodetect_device_type():
     return "cpu"
 
 
-def get_dist_info():
+def get_dist_info() -> tuple[bool, int, int, int]:
     """(is_ddp, rank, local_rank, world_size) from the variables torchrun sets."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -122,7 +122,7 @@ def keep_freed_memory():
         return False
 
 
-def compute_init(device_type=None, seed=42):
+def compute_init(device_type: str | None = None, seed: int = 42) -> tuple[bool, int, int, int, torch.device]:
     """
     Pick the device, seed, and join the process group when launched by torchrun.
     Returns (is_ddp, rank, local_rank, world_size, device).

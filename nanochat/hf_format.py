@@ -359,7 +359,7 @@ def _read_weights(model_dir):
     return weights
 
 
-def import_dir(model_dir: str):
+def import_dir(model_dir: str) -> tuple[GPTConfig, dict, RustBPETokenizer]:
     """(GPTConfig, state dict under our names, RustBPETokenizer) from an HF NanoChat directory, all checked."""
     if not os.path.isdir(model_dir):
         raise HFFormatError(f"{model_dir} is not a directory")

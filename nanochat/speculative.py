@@ -165,7 +165,8 @@ def expected_tokens_per_forward(alpha, gamma):
     return gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def verify(p, drafts, q, generator, greedy=False):
+def verify(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, generator: torch.Generator | None,
+           greedy: bool = False) -> tuple[int, int]:
     """
     p: (γ+1, V) target distributions at the draft positions and one past them; q: (γ, V) draft
     distributions or None for one-hot drafts. Returns (number accepted, the token to emit after them).

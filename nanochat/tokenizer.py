@@ -281,7 +281,7 @@ class RustBPETokenizer:
             else:
                 raise ValueError(f"unknown assistant part type {kind!r} (expected text, python, python_output)")
 
-    def render_conversation(self, conversation, max_tokens=2048):
+    def render_conversation(self, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
         """
         Conversation -> (ids, mask), two lists of equal length (truncated to max_tokens; None: no limit).
         mask[i] = 1 where the model is trained to predict token i (the assistant's own tokens), else 0.
@@ -308,7 +308,7 @@ class RustBPETokenizer:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
         return ids, mask
 
-    def render_for_completion(self, conversation):
+    def render_for_completion(self, conversation: dict) -> list[int]:
         """The prompt for sampling the assistant's reply: drop the final assistant message, open a new one."""
         messages = conversation.get("messages") if isinstance(conversation, dict) else None
         if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
