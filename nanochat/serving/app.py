@@ -272,9 +272,9 @@ def _completion_prompts(state, req, max_tokens):
     The prompts as token ids: text is encoded after a BOS (as documents were in pretraining), token ids are
     taken as they are. Each must leave room for max_tokens >= 1 (with 0, it may fill the context).
     """
-    prompts = []
-    for i, p in enumerate(req.prompts()):
-        param = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
+    prompts, given = [], req.prompts()
+    for i, p in enumerate(given):
+        param = "prompt" if len(given) == 1 else f"prompt[{i}]"
         if isinstance(p, str):
             p = state.tokenizer.encode(p, prepend="<|bos|>")
         elif max(p) >= state.vocab_size:

@@ -298,11 +298,12 @@ class CompletionRequest(_GenerationRequest):
     @field_validator("prompt")
     @classmethod
     def _prompts_not_empty(cls, value):
-        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+        if not isinstance(value, list):
+            return value
+        if not value or any(isinstance(p, list) and not p for p in value):
             raise ValueError("prompt must not be an empty list")
-        if isinstance(value, list) and any(isinstance(p, int) and p < 0 for p in value):
-            raise ValueError("token ids must be >= 0")
-        if isinstance(value, list) and any(isinstance(p, list) and min(p) < 0 for p in value):
+        ids = [t for p in value for t in (p if isinstance(p, list) else [p]) if isinstance(t, int)]
+        if any(t < 0 for t in ids):
             raise ValueError("token ids must be >= 0")
         return value
 
