@@ -11,6 +11,7 @@ python dev/bench_generate.py [--target-tag d4] [--draft-tag d2] [--gamma 4] [--n
 
 Uses base checkpoints from $NANOCHAT_BASE_DIR; a missing target/draft is trained first with
 scripts.base_train (d4: ~5 min, d2: ~1 min on 2 CPU cores; needs a tokenizer and pretraining data).
+Cases compared in a ratio run interleaved, the best of --repeats runs each (a shared CPU has slow spells).
 Prints a table and ends with one JSON line.
 """
 
@@ -51,30 +52,37 @@ def ensure_model(tag):
 REPEATS = 3
 
 
-def timed(device, fn):
-    """(output, best wall time of REPEATS runs): the minimum is the least disturbed by a busy machine."""
-    best = float("inf")
+def timed(device, *fns):
+    """
+    [(output, best wall time of REPEATS runs)] for each fn, their runs interleaved (a, b, a, b, ...): a ratio
+    of two cases then compares runs made under the same load, and the minimum is the least disturbed.
+    """
+    outputs, best = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(REPEATS):
-        synchronize(device.type)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device.type)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        for i, fn in enumerate(fns):
+            synchronize(device.type)
+            t0 = time.perf_counter()
+            outputs[i] = fn()
+            synchronize(device.type)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return list(zip(outputs, best))
 
 
 DECODE_PROMPT_LENGTHS = (16, 64, 128, 190)
 
 
-def decode_ms_per_token(model, prompt_len, steps=32):
-    """Batch-1 greedy decode after a prompt_len-token prefill: ms per token, best of REPEATS runs."""
+def decode_ms_per_token(model, prompt_lengths, steps=32):
+    """
+    Batch-1 greedy decode after a prefill of each prompt length: {length: ms per token}, the best of
+    4 * REPEATS runs per length, the lengths taken in turn so a slow spell of a shared machine hits all alike.
+    """
     device = model.get_device()
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
 
     @torch.inference_mode()
-    def run():
+    def run(prompt_len):
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
         kv_cache = KVCache.for_model(model, 1, prompt_len + steps)
-        logits = model(ids, kv_cache=kv_cache)[:, -1]
+        logits = model(ids.to(device), kv_cache=kv_cache)[:, -1]
         synchronize(device.type)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -84,8 +92,12 @@ def decode_ms_per_token(model, prompt_len, steps=32):
         synchronize(device.type)
         return time.perf_counter() - t0
 
-    run()  # warm-up
-    return min(run() for _ in range(max(REPEATS, 5))) / steps * 1000
+    run(prompt_lengths[0])  # warm-up
+    best = {n: float("inf") for n in prompt_lengths}
+    for _ in range(4 * REPEATS):
+        for n in prompt_lengths:
+            best[n] = min(best[n], run(n))
+    return {n: seconds / steps * 1000 for n, seconds in best.items()}
 
 
 def speculative_batch(engine, prompt, gamma, **kwargs):
@@ -126,7 +138,7 @@ def main():
     # 1. decode tokens/s at batch 1 (time per generated token after a short prompt)
     prompt = [bos] + tokenizer.encode(text[:200])[:32]
     plain.generate_batch(prompt, max_tokens=8, temperature=0.0)  # warm-up
-    (results, _), seconds = timed(device, lambda: plain.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0))
+    [((results, _), seconds)] = timed(device, lambda: plain.generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0))
     decode_tps = generated_count(results, [prompt]) / seconds
     rows.append(("decode, batch 1", f"{decode_tps:,.1f} tok/s", ""))
     summary["decode_tokens_per_second"] = round(decode_tps, 1)
@@ -134,7 +146,7 @@ def main():
     # 1b. decode latency per prompt length, on the reference d4 shape (width 256, 2 heads of 128, vocab 4096)
     latency_model = GPT(config_from_depth(4, 256, 4096, "mha", 128)).to(device)
     latency_model.init_weights()
-    latency = {n: decode_ms_per_token(latency_model.eval(), n) for n in DECODE_PROMPT_LENGTHS}
+    latency = decode_ms_per_token(latency_model.eval(), DECODE_PROMPT_LENGTHS)
     rows.append(("decode ms/token, d4 ref", " / ".join(f"{ms:.2f}" for ms in latency.values()),
                  "after a " + " / ".join(map(str, DECODE_PROMPT_LENGTHS)) + "-token prompt"))
     summary["decode_ms_per_token"] = {str(n): round(ms, 3) for n, ms in latency.items()}
@@ -143,8 +155,9 @@ def main():
     words = text.split()
     prompts = [[bos] + tokenizer.encode(" ".join(words[i * 40:i * 40 + n])) for i, n in enumerate(range(4, 68, 8))]
     batch_max = args.max_tokens // 2
-    (batched, _), batched_s = timed(device, lambda: plain.generate_batch(prompts, max_tokens=batch_max, temperature=0.0))
-    serial, serial_s = timed(device, lambda: [plain.generate_batch(q, max_tokens=batch_max, temperature=0.0)[0][0] for q in prompts])
+    ((batched, _), batched_s), (serial, serial_s) = timed(
+        device, lambda: plain.generate_batch(prompts, max_tokens=batch_max, temperature=0.0),
+        lambda: [plain.generate_batch(q, max_tokens=batch_max, temperature=0.0)[0][0] for q in prompts])
     assert batched == serial, "batched greedy output differs from one-by-one"
     n_tokens = generated_count(batched, prompts)
     batch_speedup = serial_s / batched_s
@@ -159,8 +172,8 @@ def main():
     spec_engine = Engine(target, tokenizer, draft=draft)
     for temperature in (0.0, 1.0):
         kw = dict(max_tokens=args.max_tokens, temperature=temperature, seed=0)
-        (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
-        (spec_out, s), spec_s = timed(device, lambda: speculative_batch(spec_engine, prompt, args.gamma, **kw))
+        ((base_out, _), base_s), ((spec_out, s), spec_s) = timed(
+            device, lambda: plain.generate_batch(prompt, **kw), lambda: speculative_batch(spec_engine, prompt, args.gamma, **kw))
         if temperature == 0.0:
             assert spec_out == base_out, "speculative greedy output differs from plain greedy"
         alpha, per_forward = s["position_acceptance_rate"], s["tokens_per_target_forward"]
@@ -180,8 +193,8 @@ def main():
     ngram_engine = Engine(target, tokenizer, draft="ngram")
     for name, prompt in (("grounded", grounded), ("free text", free)):
         kw = dict(max_tokens=min(args.max_tokens, target.config.sequence_len - len(prompt)), temperature=0.0)
-        (base_out, _), base_s = timed(device, lambda: plain.generate_batch(prompt, **kw))
-        (ngram_out, s), ngram_s = timed(device, lambda: speculative_batch(ngram_engine, prompt, args.ngram_gamma, **kw))
+        ((base_out, _), base_s), ((ngram_out, s), ngram_s) = timed(
+            device, lambda: plain.generate_batch(prompt, **kw), lambda: speculative_batch(ngram_engine, prompt, args.ngram_gamma, **kw))
         assert ngram_out == base_out, "n-gram speculative greedy output differs from plain greedy"
         speedup = base_s / ngram_s
         rows.append((f"n-gram {name}, T=0", f"alpha {s['position_acceptance_rate']:.3f}, {s['tokens_per_target_forward']:.2f} tok/fwd",
