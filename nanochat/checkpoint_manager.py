@@ -163,6 +163,11 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device, phase: str
         # bf16 weights (saved from GPU runs) are upcast: CPU/mps kernels are faster and safer in fp32
         model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile prefix
+    if device.type == "cpu" and phase == "eval":
+        # the unembedding (vocab, n_embd) laid out column-major, same values: x @ W^T then reads W^T contiguously,
+        # which CPU GEMMs with a few rows (a decode batch, a speculative verify) do up to 2x faster
+        # (dev/bench_matmul.py); training keeps the default layout (all-reduce wants contiguous gradients)
+        model_state["lm_head.weight"] = model_state["lm_head.weight"].t().contiguous().t()
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)

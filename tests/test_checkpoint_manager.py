@@ -41,6 +41,7 @@ def test_round_trip(tmp_path, attention):
         assert torch.equal(p, loaded.state_dict()[name]), name
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded(x))
+    assert loaded.lm_head.weight.t().is_contiguous()  # column-major for CPU inference; same values, same logits
 
     _, optim_states, _ = load_checkpoint(str(tmp_path), 7, "cpu", load_optimizer=True)
     fresh = setup_optimizers(tiny_model(attention))
@@ -56,6 +57,7 @@ def test_bf16_weights_load_as_fp32_and_compile_prefix_is_stripped(tmp_path):
     save_checkpoint(str(tmp_path), 1, state, None, meta)
     loaded, _ = build_model(str(tmp_path), 1, torch.device("cpu"), "train")
     assert all(p.dtype == torch.float32 for p in loaded.parameters()) and loaded.training
+    assert all(p.is_contiguous() for p in loaded.parameters())  # training keeps the default layout
 
 
 def test_find_last_step_and_largest_model(tmp_path):
