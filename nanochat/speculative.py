@@ -15,7 +15,8 @@ Drafters: a small GPT with its own KV cache (`draft=<GPT>`), or n-grams of the c
 Both implement propose(tokens, gamma) -> (drafts, q or None) and sync(tokens, target_logits), called after
 every verification, and carry `cost`: one drafted token's cost relative to a target forward.
 Adaptive γ: "acceptance" (the default: γ maximizing expected tokens per unit of cost for the observed
-acceptance rate α: E[tokens] = (1 − α^(γ+1)) / (1 − α), cost = 1 + cost·γ), "entropy" (γ = clip(int((1 −
+acceptance rate α: E[tokens] = (1 − α^(γ+1)) / (1 − α), cost = 1 + cost·γ; n-gram proposals are cut by the
+learned acceptance of each draft's kind instead), "entropy" (γ = clip(int((1 −
 H/log V)·γ_max), γ_min, γ_max) from the drafter's entropy, optionally EMA-smoothed) or None (always γ_max).
 """
 
@@ -41,22 +42,33 @@ class NgramDrafter:
 
     The index is incremental: each new token costs one update per level, and each context keeps its current
     best continuation, so a proposal is one dictionary lookup per level and drafted token.
+
+    With trim_cost set, every draft has a kind (how long a context matched, how often it went on this way,
+    whether always), each kind's acceptance is learned from the verifications, and a proposal is cut to the
+    length with the most expected tokens per unit of cost (1 + trim_cost per draft): measured on repetitive
+    text, a draft after a 3-token context seen 3+ times always the same way is accepted ~98% of the time,
+    one after a 1-token context seen once ~40%.
     """
 
-    cost = 0.05  # a drafted token costs a little Python, and widens the verify forward by one position
+    cost = 0.1  # a drafted token widens the verify forward by one position: 9 positions cost ~1.8 one-token steps on a CPU
 
-    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25):
+    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, trim_cost=None):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
         self.stop_when_unknown, self.filler_top_k, self.filler_weight = stop_when_unknown, filler_top_k, filler_weight
         self.counts = {}  # context tuple -> {next token: weight}
+        self.totals = {}  # context tuple -> the sum of its weights
         self.best = {}  # context tuple -> its most frequent next token, the latest seen among equals
         self.observed = 0  # how many tokens of the sequence have been indexed
+        self.trim_cost = trim_cost
+        self.outcomes = {}  # kind of draft -> [accepted, examined]
+        self._proposal = None  # (sequence length, drafts, their kinds) of the proposal awaiting its verification
 
     def _add(self, context, token, weight):
         nexts = self.counts.setdefault(context, {})
         nexts[token] = nexts.get(token, 0.0) + weight
+        self.totals[context] = self.totals.get(context, 0.0) + weight
         best = self.best.get(context)
         if best is None or nexts[token] >= nexts[best]:  # >=: the token just seen is the latest
             self.best[context] = token
@@ -80,26 +92,66 @@ class NgramDrafter:
                     self._add(context, token, self.filler_weight)
 
     def _lookup(self, tail):
-        """The continuation of the longest indexed context ending `tail` (the last max_n − 1 tokens), or None."""
-        for n in range(min(self.max_n, len(tail) + 1), self.min_n - 1, -1):
-            token = self.best.get(tuple(tail[len(tail) - (n - 1):]))
+        """(continuation, kind) of the longest indexed context ending `tail` (the last max_n − 1 tokens), or None."""
+        contexts = [tuple(tail[len(tail) - (n - 1):]) for n in range(min(self.max_n, len(tail) + 1), self.min_n - 1, -1)]
+        if not self.stop_when_unknown:
+            contexts.append(())
+        for context in contexts:
+            token = self.best.get(context)
             if token is not None:
-                return token
-        return None if self.stop_when_unknown else self.best.get(())
+                weight = self.counts[context][token]
+                return token, (len(context), min(int(weight), 3), weight == self.totals[context])
+        return None
+
+    def _acceptance(self, kind):
+        """
+        A kind's acceptance so far. An unseen kind starts at 0.85, worth two verifications: optimistic, as a long
+        draft that comes true gives up to γ + 1 tokens and one that fails costs a few positions of one forward.
+        """
+        accepted, examined = self.outcomes.get(kind, (0, 0))
+        return (accepted + 1.7) / (examined + 2)
+
+    def _best_length(self, kinds):
+        """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + trim_cost·i): expected tokens per cost."""
+        best, best_value, expected, all_accepted = 0, 1.0, 1.0, 1.0
+        for i, kind in enumerate(kinds, start=1):
+            all_accepted *= self._acceptance(kind)
+            expected += all_accepted
+            value = expected / (1 + self.trim_cost * i)
+            if value > best_value:
+                best, best_value = i, value
+        return best
 
     def propose(self, tokens, gamma):
         self.observe(tokens)
-        tail, drafts = tokens[max(0, len(tokens) - (self.max_n - 1)):], []  # the last max_n − 1 tokens
+        tail, drafts, kinds = tokens[max(0, len(tokens) - (self.max_n - 1)):], [], []  # the last max_n − 1 tokens
         for _ in range(gamma):
-            token = self._lookup(tail)
-            if token is None:
+            found = self._lookup(tail)
+            if found is None:
                 break
-            drafts.append(token)
-            tail = (tail + [token])[1:] if len(tail) == self.max_n - 1 else tail + [token]
+            drafts.append(found[0])
+            kinds.append(found[1])
+            tail = (tail + [found[0]])[1:] if len(tail) == self.max_n - 1 else tail + [found[0]]
+        if self.trim_cost is not None:
+            keep = self._best_length(kinds)
+            drafts, kinds = drafts[:keep], kinds[:keep]
+        self._proposal = (len(tokens), drafts, kinds)
         return drafts, None
 
     def sync(self, tokens, target_logits):
-        """target_logits (k, V): the target's logits that predicted the last k of tokens."""
+        """
+        tokens: the sequence after the verification; target_logits (k, V): the target's logits that predicted its
+        last k tokens. Each draft up to the first rejected one counts towards its kind's acceptance.
+        """
+        if self._proposal is not None:
+            start, drafts, kinds = self._proposal
+            for draft, kind, token in zip(drafts, kinds, tokens[start:]):
+                outcome = self.outcomes.setdefault(kind, [0, 0])
+                outcome[1] += 1
+                if token != draft:
+                    break
+                outcome[0] += 1
+            self._proposal = None
         if self.filler_top_k > 0:
             k = target_logits.size(0)
             for i in range(k):
@@ -237,11 +289,15 @@ class SpeculativeRun:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         capacity = len(prompt) + max_new + gamma_max + 1
+        # n-gram drafts under the acceptance rule: each proposal is cut by its own drafts' odds (NgramDrafter's
+        # trim_cost), which know more than one running α, so γ itself stays at γ_max
+        trim = draft == "ngram" and adaptive == "acceptance"
         if draft == "ngram":
-            self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k)
+            self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k,
+                                        trim_cost=(NgramDrafter.cost if draft_cost is None else draft_cost) if trim else None)
         else:
             self.drafter = ModelDrafter(draft, model, capacity, self.sampling, self.generator)
-        self.gamma_rule = GammaRule(adaptive, gamma_min, gamma_max,
+        self.gamma_rule = GammaRule(None if trim else adaptive, gamma_min, gamma_max,
                                     self.drafter.cost if draft_cost is None else draft_cost, entropy_ema)
         if adaptive == "entropy" and draft != "ngram":
             self.drafter.gamma_rule = self.gamma_rule.from_entropy
