@@ -196,13 +196,13 @@ def main():
         ((base_out, _), base_s), ((ngram_out, s), ngram_s) = timed(
             device, lambda: plain.generate_batch(prompt, **kw), lambda: speculative_batch(ngram_engine, prompt, args.ngram_gamma, **kw))
         assert ngram_out == base_out, "n-gram speculative greedy output differs from plain greedy"
-        speedup = base_s / ngram_s
+        speedup, ngram_tps = base_s / ngram_s, generated_count(ngram_out, [prompt]) / ngram_s
         rows.append((f"n-gram {name}, T=0", f"alpha {s['position_acceptance_rate']:.3f}, {s['tokens_per_target_forward']:.2f} tok/fwd",
-                     f"{speedup:.2f}x wall, identical output"))
+                     f"{speedup:.2f}x wall ({ngram_tps:,.0f} tok/s), identical output"))
         summary[f"ngram_T0_{name.replace(' ', '_')}"] = dict(
             acceptance_rate=round(s["acceptance_rate"], 3), position_acceptance_rate=round(s["position_acceptance_rate"], 3),
             tokens_per_target_forward=round(s["tokens_per_target_forward"], 3),
-            wall_speedup=round(speedup, 2))
+            wall_speedup=round(speedup, 2), tokens_per_second=round(ngram_tps, 1))
 
     print(f"\ntarget {args.target_tag} ({target.num_params():,} params), draft {args.draft_tag} ({draft.num_params():,}), "
           f"device {device.type}, torch threads {torch.get_num_threads()}")
