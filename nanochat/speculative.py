@@ -50,7 +50,8 @@ class NgramDrafter:
     one after a 1-token context seen once ~40%.
     """
 
-    cost = 0.1  # a drafted token widens the verify forward by one position: 9 positions cost ~1.8 one-token steps on a CPU
+    # a drafted token widens the verify forward by one position: 9 positions cost ~1.8 one-token steps on a CPU
+    cost = 0.1
 
     def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, trim_cost=None):
         if not 1 <= min_n <= max_n:

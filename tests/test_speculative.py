@@ -167,6 +167,7 @@ def test_ngram_drafter_trims_by_learned_acceptance():
     assert list(accepted.outcomes.values()) == [[80, 80]]
     assert accepted.propose(tokens, 4) == ([2, 1, 2, 1], None)
 
+
 def test_adaptive_gamma_rules():
     uniform = torch.full((100,), 0.01)
     peaked = torch.zeros(100)
