@@ -43,17 +43,15 @@ class NgramDrafter:
     The index is incremental: each new token costs one update per level, and each context keeps its current
     best continuation, so a proposal is one dictionary lookup per level and drafted token.
 
-    With trim_cost set, every draft has a kind (how long a context matched, how often it went on this way,
-    whether always), each kind's acceptance is learned from the verifications, and a proposal is cut to the
-    length with the most expected tokens per unit of cost (1 + trim_cost per draft): measured on repetitive
+    With trim, every draft has a kind (how long a context matched, how often it went on this way, whether
+    always), each kind's acceptance is learned from the verifications, and a proposal is cut to the length
+    with the most expected tokens per unit of cost (1 + cost per draft, see widening_cost): measured on repetitive
     text, a draft after a 3-token context seen 3+ times always the same way is accepted ~98% of the time,
     one after a 1-token context seen once ~40%.
     """
 
-    # a drafted token widens the verify forward by one position: 9 positions cost ~1.8 one-token steps on a CPU
-    cost = 0.1
-
-    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, trim_cost=None):
+    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, cost=0.1,
+                 trim=False):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
@@ -62,7 +60,7 @@ class NgramDrafter:
         self.totals = {}  # context tuple -> the sum of its weights
         self.best = {}  # context tuple -> its most frequent next token, the latest seen among equals
         self.observed = 0  # how many tokens of the sequence have been indexed
-        self.trim_cost = trim_cost
+        self.cost, self.trim = cost, trim
         self.outcomes = {}  # kind of draft -> [accepted, examined]
         self._proposal = None  # (sequence length, drafts, their kinds) of the proposal awaiting its verification
 
@@ -113,12 +111,12 @@ class NgramDrafter:
         return (accepted + 1.7) / (examined + 2)
 
     def _best_length(self, kinds):
-        """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + trim_cost·i): expected tokens per cost."""
+        """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + cost·i): expected tokens per cost."""
         best, best_value, expected, all_accepted = 0, 1.0, 1.0, 1.0
         for i, kind in enumerate(kinds, start=1):
             all_accepted *= self._acceptance(kind)
             expected += all_accepted
-            value = expected / (1 + self.trim_cost * i)
+            value = expected / (1 + self.cost * i)
             if value > best_value:
                 best, best_value = i, value
         return best
@@ -133,7 +131,7 @@ class NgramDrafter:
             drafts.append(found[0])
             kinds.append(found[1])
             tail = (tail + [found[0]])[1:] if len(tail) == self.max_n - 1 else tail + [found[0]]
-        if self.trim_cost is not None:
+        if self.trim:
             keep = self._best_length(kinds)
             drafts, kinds = drafts[:keep], kinds[:keep]
         self._proposal = (len(tokens), drafts, kinds)
@@ -157,6 +155,15 @@ class NgramDrafter:
             k = target_logits.size(0)
             for i in range(k):
                 self.observe_target(tokens[:len(tokens) - k + i], target_logits[i])
+
+
+def widening_cost(device: torch.device) -> float:
+    """
+    One n-gram draft's cost relative to a target forward: it widens the verify forward by one position. On a
+    2-core CPU a 9-position forward costs ~1.8 one-token steps (measured, dev/bench_generate.py), 0.1 each; a GPU
+    forward of a few positions is bound by reading the weights, so each costs little more (0.05: not measured).
+    """
+    return 0.1 if device.type == "cpu" else 0.05
 
 
 class ModelDrafter:
@@ -291,11 +298,11 @@ class SpeculativeRun:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         capacity = len(prompt) + max_new + gamma_max + 1
         # n-gram drafts under the acceptance rule: each proposal is cut by its own drafts' odds (NgramDrafter's
-        # trim_cost), which know more than one running α, so γ itself stays at γ_max
+        # trim), which know more than one running α, so γ itself stays at γ_max
         trim = draft == "ngram" and adaptive == "acceptance"
         if draft == "ngram":
             self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k,
-                                        trim_cost=(NgramDrafter.cost if draft_cost is None else draft_cost) if trim else None)
+                                        cost=widening_cost(device) if draft_cost is None else draft_cost, trim=trim)
         else:
             self.drafter = ModelDrafter(draft, model, capacity, self.sampling, self.generator)
         self.gamma_rule = GammaRule(None if trim else adaptive, gamma_min, gamma_max,

@@ -153,7 +153,7 @@ def test_ngram_drafter_trims_by_learned_acceptance():
     tokens = [1, 2, 1, 2, 1]  # every draft below continues a 1-token context seen twice, always the same way
     untrimmed = NgramDrafter(max_n=2, min_n=2)
     assert untrimmed.propose(tokens, 4) == ([2, 1, 2, 1], None)
-    rejected, accepted = NgramDrafter(max_n=2, min_n=2, trim_cost=0.1), NgramDrafter(max_n=2, min_n=2, trim_cost=0.1)
+    rejected, accepted = NgramDrafter(max_n=2, min_n=2, trim=True), NgramDrafter(max_n=2, min_n=2, trim=True)
     assert rejected.propose(tokens, 4) == ([2, 1, 2, 1], None)  # a kind never verified starts at 0.85: draft on
     for _ in range(20):
         rejected.propose(tokens, 4)
