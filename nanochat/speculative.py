@@ -104,11 +104,11 @@ class NgramDrafter:
 
     def _acceptance(self, kind):
         """
-        A kind's acceptance so far. An unseen kind starts at 0.85, worth two verifications: optimistic, as a long
+        A kind's acceptance so far. An unseen kind starts at 0.92, worth two verifications: optimistic, as a long
         draft that comes true gives up to γ + 1 tokens and one that fails costs a few positions of one forward.
         """
         accepted, examined = self.outcomes.get(kind, (0, 0))
-        return (accepted + 1.7) / (examined + 2)
+        return (accepted + 1.84) / (examined + 2)
 
     def _best_length(self, kinds):
         """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + cost·i): expected tokens per cost."""
