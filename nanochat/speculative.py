@@ -45,13 +45,14 @@ class NgramDrafter:
 
     With trim, every draft has a kind (how long a context matched, how often it went on this way, whether
     always), each kind's acceptance is learned from the verifications, and a proposal is cut to the length
-    with the most expected tokens per unit of cost (1 + cost per draft, see widening_cost): measured on repetitive
+    with the most expected tokens per unit of cost (1 for the forward, plus fixed_cost once any token is drafted,
+    plus cost per draft: see widening_cost): measured on repetitive
     text, a draft after a 3-token context seen 3+ times always the same way is accepted ~98% of the time,
     one after a 1-token context seen once ~40%.
     """
 
-    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, cost=0.1,
-                 trim=False):
+    def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, cost=0.05,
+                 fixed_cost=0.0, trim=False):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
@@ -60,7 +61,7 @@ class NgramDrafter:
         self.totals = {}  # context tuple -> the sum of its weights
         self.best = {}  # context tuple -> its most frequent next token, the latest seen among equals
         self.observed = 0  # how many tokens of the sequence have been indexed
-        self.cost, self.trim = cost, trim
+        self.cost, self.fixed_cost, self.trim = cost, fixed_cost, trim
         self.outcomes = {}  # kind of draft -> [accepted, examined]
         self._proposal = None  # (sequence length, drafts, their kinds) of the proposal awaiting its verification
 
@@ -111,12 +112,12 @@ class NgramDrafter:
         return (accepted + 1.84) / (examined + 2)
 
     def _best_length(self, kinds):
-        """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + cost·i): expected tokens per cost."""
+        """The number of drafts maximizing (1 + Σ_i Π_{j<=i} a_j) / (1 + fixed_cost + cost·i): tokens per cost."""
         best, best_value, expected, all_accepted = 0, 1.0, 1.0, 1.0
         for i, kind in enumerate(kinds, start=1):
             all_accepted *= self._acceptance(kind)
             expected += all_accepted
-            value = expected / (1 + self.cost * i)
+            value = expected / (1 + self.fixed_cost + self.cost * i)
             if value > best_value:
                 best, best_value = i, value
         return best
@@ -157,14 +158,14 @@ class NgramDrafter:
                 self.observe_target(tokens[:len(tokens) - k + i], target_logits[i])
 
 
-def widening_cost(device: torch.device) -> float:
+def widening_cost(device: torch.device) -> tuple[float, float]:
     """
-    One n-gram draft's cost relative to a target forward: it widens the verify forward by one position. On a
-    2-core CPU a 9-position forward costs ~1.7x a one-position one (d4 with a 100-token cache: 2.68 vs 1.59 ms),
-    ~0.1 per position; a GPU forward of a few positions is bound by reading the weights, so each costs little
-    more (0.05, the earlier default: not measured).
+    What n-gram drafts add to the verify forward, relative to a one-token forward: (fixed, per draft). On a
+    2-core CPU (d4, 200 cached tokens) 2 positions cost 1.19x one, 5 positions 1.31x, 9 positions 1.53x: a product
+    of two rows or more leaves MKL's matrix-vector path (~0.14 once), then each position adds ~0.05. A GPU forward
+    of a few positions is bound by reading the weights, so each costs little more: (0, 0.05), not measured.
     """
-    return 0.1 if device.type == "cpu" else 0.05
+    return (0.14, 0.05) if device.type == "cpu" else (0.0, 0.05)
 
 
 class ModelDrafter:
@@ -302,8 +303,9 @@ class SpeculativeRun:
         # trim), which know more than one running α, so γ itself stays at γ_max
         trim = draft == "ngram" and adaptive == "acceptance"
         if draft == "ngram":
+            fixed_cost, cost = widening_cost(device)
             self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k,
-                                        cost=widening_cost(device) if draft_cost is None else draft_cost, trim=trim)
+                                        cost=cost if draft_cost is None else draft_cost, fixed_cost=fixed_cost, trim=trim)
         else:
             self.drafter = ModelDrafter(draft, model, capacity, self.sampling, self.generator)
         self.gamma_rule = GammaRule(None if trim else adaptive, gamma_min, gamma_max,

@@ -153,7 +153,7 @@ def test_ngram_drafter_trims_by_learned_acceptance():
     tokens = [1, 2, 1, 2, 1]  # every draft below continues a 1-token context seen twice, always the same way
     untrimmed = NgramDrafter(max_n=2, min_n=2)
     assert untrimmed.propose(tokens, 4) == ([2, 1, 2, 1], None)
-    rejected, accepted = NgramDrafter(max_n=2, min_n=2, trim=True), NgramDrafter(max_n=2, min_n=2, trim=True)
+    rejected, accepted = (NgramDrafter(max_n=2, min_n=2, cost=0.1, trim=True) for _ in range(2))
     assert rejected.propose(tokens, 4) == ([2, 1, 2, 1], None)  # a kind never verified starts at 0.92: draft on
     for _ in range(20):
         rejected.propose(tokens, 4)
@@ -166,6 +166,21 @@ def test_ngram_drafter_trims_by_learned_acceptance():
     assert rejected.propose(tokens, 4) == ([], None)
     assert list(accepted.outcomes.values()) == [[80, 80]]
     assert accepted.propose(tokens, 4) == ([2, 1, 2, 1], None)
+
+
+def test_ngram_drafter_pays_the_fixed_cost_of_a_wider_verify_only_for_enough_tokens():
+    # a CPU verify forward of 2+ positions costs a fixed extra (fixed_cost) plus a little per position (cost)
+    tokens = [1, 2, 1, 2, 1]  # every draft continues a 1-token context seen twice, always the same way
+    kind = (1, 2, True)
+    for fixed_cost, (accepted, examined), expected in [(0.0, (30, 100), [2, 1]), (0.5, (30, 100), []),
+                                                      (0.5, (80, 100), [2, 1, 2, 1])]:
+        drafter = NgramDrafter(max_n=2, min_n=2, cost=0.05, fixed_cost=fixed_cost, trim=True)
+        drafter.outcomes[kind] = [accepted, examined]
+        # acceptance a = (accepted + 1.84) / (examined + 2); k drafts: (1 + a + ... + a^k) / (1 + fixed_cost + 0.05 k)
+        # a = 0.31: 1.41 / 1.1 at k = 2 is the best without a fixed cost, but 1.31 / 1.55 < 1 with one: no drafts
+        # a = 0.80: four drafts give 3.38 tokens for 1.7 of cost
+        assert drafter.propose(tokens, 4) == (expected, None)
+        assert drafter._proposal[2] == [kind] * len(expected)
 
 
 def test_adaptive_gamma_rules():
