@@ -113,7 +113,7 @@ def attention(q, k, v, attn_mask=None, scale=None):
     group = H // H_kv
     q = q.reshape(B, H_kv, group * T, D)  # query head h = kv head h // group (enable_gqa's order)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.repeat(1, 1, group, 1), scale=scale)
-    return y.view(B, H, T, -1)
+    return y.reshape(B, H, T, -1)  # not view: CUDA's fused kernels return y with (B, group*T, H_kv, D) strides
 
 
 class CausalSelfAttention(nn.Module):

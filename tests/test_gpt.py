@@ -184,9 +184,11 @@ def test_logits_at_selects_positions():
 
 
 @pytest.mark.parametrize("n_head, n_kv_head, d, dv", [(6, 2, 16, 16), (4, 1, 24, 16), (3, 3, 8, 8)])
-def test_masked_grouped_attention_folds_heads_into_queries(n_head, n_kv_head, d, dv):
+def test_masked_grouped_attention_folds_heads_into_queries(n_head, n_kv_head, d, dv, monkeypatch):
     """With a mask, grouped heads are folded into the query axis (a fused kernel instead of the math fallback
-    on CUDA): same result as SDPA's enable_gqa, for GQA and MLA's one shared latent head (dv != d)."""
+    on CUDA): same result as SDPA's enable_gqa, for GQA and MLA's one shared latent head (dv != d). Also
+    with SDPA's output laid out as CUDA's fused kernels return it, (B, T, H, D) in memory, which no view can
+    unfold."""
     from nanochat.gpt import attention
     torch.manual_seed(0)
     B, T, S = 2, 3, 7
@@ -195,6 +197,10 @@ def test_masked_grouped_attention_folds_heads_into_queries(n_head, n_kv_head, d,
     mask = (torch.arange(S)[None, None, :] <= (lengths[:, None] + torch.arange(T))[:, :, None]).unsqueeze(1)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=n_head != n_kv_head)
+    assert torch.allclose(attention(q, k, v, mask, scale=0.3), expected, atol=1e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
     assert torch.allclose(attention(q, k, v, mask, scale=0.3), expected, atol=1e-6)
 
 
