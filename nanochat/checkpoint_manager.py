@@ -159,9 +159,10 @@ def build_model(checkpoint_dir: str, step: int, device: torch.device, phase: str
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    if device.type in ("cpu", "mps"):
-        # bf16 weights (saved from GPU runs) are upcast: CPU/mps kernels are faster and safer in fp32
-        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    # fp32 weights on every device, as training keeps them (autocast computes in bf16 where that pays): a bf16
+    # checkpoint (imported from a bf16 Hugging Face export) would otherwise train without fp32 master weights,
+    # and where autocast is off (CPU inference, GPUs before Ampere, --dtype float32) attention would mix dtypes
+    model_state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in model_state.items()}
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile prefix
     if device.type == "cpu" and phase == "eval":
         # the unembedding (vocab, n_embd) laid out column-major, same values: x @ W^T then reads W^T contiguously,

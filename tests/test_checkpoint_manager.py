@@ -50,9 +50,11 @@ def test_round_trip(tmp_path, attention):
     assert fresh[1].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
 
 
-def test_bf16_weights_load_as_fp32_and_compile_prefix_is_stripped(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights_load_as_fp32_and_compile_prefix_is_stripped(tmp_path, dtype):
+    """On every device (no branch on it): fp32 master weights for training, one dtype where autocast is off."""
     model = tiny_model()
-    state = {"_orig_mod." + k: v.bfloat16() for k, v in model.state_dict().items()}
+    state = {"_orig_mod." + k: v.to(dtype) for k, v in model.state_dict().items()}
     meta = dict(model_config=model.config_dict())
     save_checkpoint(str(tmp_path), 1, state, None, meta)
     loaded, _ = build_model(str(tmp_path), 1, torch.device("cpu"), "train")
