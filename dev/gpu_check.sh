@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU path of the project at a tiny size, in under 10 minutes on 1-8 CUDA GPUs, with a pass/fail table:
-# base_train (bf16, compiled, torchrun over all GPUs, --resume-from-step continuing the same losses), the
+# base_train (bf16, compiled, torchrun over all GPUs, --resume-from-step continuing the same losses; GQA and MLA), the
 # memory estimate against torch.cuda.max_memory_allocated at 2048 tokens, mid_train and chat_sft compiled
 # (no recompilation after the first step), chat_eval, chat_cli with both drafters, chat_web --num-gpus N
 # with concurrent clients and speculative decoding. Verdicts come from the logs (dev/gpu_check_verdicts.py).
@@ -62,6 +62,12 @@ check base_train base_train -- "${TORCHRUN[@]}" -m scripts.base_train "${BASE[@]
 check base_resume "resume $WORK/full.jsonl $WORK/resumed.jsonl" -- \
     "${TORCHRUN[@]}" -m scripts.base_train "${BASE[@]}" --resume-from-step 15 --loss-log "$WORK/resumed.jsonl"
 
+# --- GQA and MLA, eager: the last step's samples decode prompts of different lengths (masked grouped attention)
+for A in gqa mla; do
+    check "base_train_$A" base_train -- "${TORCHRUN[@]}" -m scripts.base_train "${BASE[@]}" --attention $A \
+        --compile-mode none --model-tag "$A"
+done
+
 # --- the memory estimate against what CUDA allocates, at a real sequence length (d8, 8 x 2048 tokens)
 MEM=(--depth 8 --max-seq-len 2048 --device-batch-size 8 --total-batch-size $((8 * 2048 * NPROC)) --num-iterations 3
      --eval-every 1000 --eval-tokens $((8 * 2048 * NPROC)) --sample-every 1000 --model-tag mem --device-type $DEVICE)
@@ -78,11 +84,16 @@ check chat_sft no_recompile -- env TORCH_LOGS=recompiles "${TORCHRUN[@]}" -m scr
 check chat_eval reply -- "${TORCHRUN[@]}" -m scripts.chat_eval -i sft -g d4 -a "GSM8K|ARC-Easy" -x 32 -m 32 \
     --device-type $DEVICE
 
-# --- chat_cli: greedy output with a draft model (d4 drafting for mem) and with n-grams equals plain greedy
+# --- chat_cli: greedy output with a draft model (d4 drafting for mem) and with n-grams equals plain greedy, in fp32:
+#     in bf16 a verify forward (several rows) and a decode step (one) round differently, and an untrained model's
+#     near-ties could then tip its argmax either way; bf16 speculative decoding runs once more for a reply only
 CLI=(python -m scripts.chat_cli -i base -g mem -p "The river" -t 0 -m 48 --device-type $DEVICE)
-check chat_cli_plain reply -- "${CLI[@]}"
-check chat_cli_draft "same_reply $LOGS/chat_cli_plain.log" -- "${CLI[@]}" --speculative-proposals 4 --draft-model-tag d4
-check chat_cli_ngram "same_reply $LOGS/chat_cli_plain.log" -- "${CLI[@]}" --speculative-proposals 4 --draft-model-tag ngram
+check chat_cli_plain reply -- "${CLI[@]}" --dtype float32
+check chat_cli_draft "same_reply $LOGS/chat_cli_plain.log" -- "${CLI[@]}" --dtype float32 --speculative-proposals 4 \
+    --draft-model-tag d4
+check chat_cli_ngram "same_reply $LOGS/chat_cli_plain.log" -- "${CLI[@]}" --dtype float32 --speculative-proposals 4 \
+    --draft-model-tag ngram
+check chat_cli_bf16 reply -- "${CLI[@]}" --speculative-proposals 4 --draft-model-tag d4
 
 # --- chat_web: one worker process per GPU under 32 concurrent clients; then speculative decoding of a lone request
 serve_and_query() {  # PORT CLIENTS [chat_web flags]: start the server, send the requests, stop it; one JSON line

@@ -6,14 +6,16 @@ python -m scripts.chat_cli -i sft -p "Why is the sky blue?"   answer once and ex
 python -m scripts.chat_cli -i base -p "The capital of France is"   base models: plain completion
 python -m scripts.chat_cli -i sft --speculative-proposals 4 --draft-model-tag d4      speculative decoding
 python -m scripts.chat_cli -i sft --speculative-proposals 4 --draft-model-tag ngram   n-gram drafts
+python -m scripts.chat_cli -i base -p "The river" -t 0 --dtype float32   compute in fp32 on a GPU too
 """
 
 import argparse
 import sys
 
+import torch
 
 from nanochat.checkpoint_manager import SOURCES, CheckpointError, load_draft, load_model, speculative_flags_error
-from nanochat.common import DEVICE_TYPES, autocast_context, compute_init
+from nanochat.common import DEVICE_TYPES, DTYPE_CHOICES, autocast_context, compute_init
 from nanochat.engine import Engine
 from nanochat.sampling import validate_sampling_params
 from nanochat.serving.streaming import TextStream
@@ -33,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--speculative-proposals", type=int, default=0, help="draft tokens per target forward (0 = off)")
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype (autocast; weights stay fp32). auto: bf16 on GPUs with native bf16, else fp32")
     args = p.parse_args(argv)
     try:
         validate_sampling_params(args.temperature, args.top_k, args.top_p)
@@ -79,7 +83,7 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    autocast = autocast_context(device.type)
+    autocast = autocast_context(device.type, None if args.dtype == "auto" else getattr(torch, args.dtype))
     engine = Engine(model, tokenizer, draft=draft)
     bos = tokenizer.get_bos_token_id()
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")

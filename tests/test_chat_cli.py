@@ -45,6 +45,14 @@ def test_one_shot_prompts(chat):
     assert "[speculative:" in out
 
 
+def test_dtype_flag(chat):
+    greedy = ("-i", "base", "-p", "the quick brown", "-t", "0", "-m", "8")
+    assert chat(*greedy, "--dtype", "float32") == chat(*greedy)  # auto is fp32 for inference on a CPU
+    out = chat(*greedy, "--dtype", "bfloat16")  # bf16 autocast, here on the CPU
+    assert out.strip() and "Traceback" not in out
+    assert "invalid choice" in chat(*greedy, "--dtype", "fp8", expect=2)
+
+
 def test_interactive_session(chat):
     out = chat("-i", "sft", "-g", "d2", "-t", "0", "-m", "6", stdin="hi there\nclear\nhow are you\nquit\n")
     assert out.count("Assistant:") == 2 and "(conversation cleared)" in out
