@@ -56,7 +56,8 @@ class GPTConfig:
             # DeepSeek-V2 sizes: latent = 4 head dims (capped at half the width for small models),
             # decoupled RoPE key = half a head dim
             self.kv_lora_rank = self.kv_lora_rank or min(4 * head_dim, self.n_embd // 2)
-            self.qk_rope_head_dim = self.qk_rope_head_dim or head_dim // 2
+            rope_dim = head_dim // 2  # rounded down to a multiple of 8 where it can be: a query of nope + rope stays aligned
+            self.qk_rope_head_dim = self.qk_rope_head_dim or (rope_dim - rope_dim % 8 if rope_dim >= 8 else rope_dim)
             if self.qk_rope_head_dim % 2 != 0:
                 raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             self.n_kv_head = 1  # the latent is shared by all heads
@@ -64,12 +65,17 @@ class GPTConfig:
 
 def config_from_depth(depth, sequence_len, vocab_size, attention="mha", head_dim=128, n_kv_head=None,
                       kv_lora_rank=0):
-    """nanochat convention: width = 64 * depth, heads of head_dim (rounded up so heads cover the width)."""
+    """
+    nanochat convention: width = 64 * depth, heads of at most head_dim, as few as divide the width into heads a
+    multiple of 8 wide (depth 3 with head_dim 128: 192 wide -> 2 heads of 96). CUDA's fused attention kernels
+    need that alignment: depth 17 would otherwise get 16 heads of 68 and the unfused math kernel (slower,
+    memory quadratic in the sequence); it gets 17 heads of 64. Any width 64 * depth has heads of 64.
+    """
     if depth < 1:
         raise ValueError(f"--depth must be >= 1, got {depth}")
     n_embd = 64 * depth
     n_head = max(1, math.ceil(n_embd / head_dim))
-    while n_embd % n_head != 0:  # e.g. depth 3 with head_dim 128: 192 wide -> 2 heads of 96
+    while n_embd % n_head != 0 or (head_dim >= 8 and n_embd // n_head % 8 != 0):
         n_head += 1
     if n_kv_head is None:
         n_kv_head = n_head if attention == "mha" else max(1, n_head // 2)

@@ -156,7 +156,20 @@ def test_config_from_depth():
     c = config_from_depth(4, 256, 512, attention="gqa", head_dim=64)
     assert (c.n_embd, c.n_head, c.n_kv_head) == (256, 4, 2)
     c = config_from_depth(3, 256, 512, head_dim=128)
-    assert c.n_embd % c.n_head == 0
+    assert (c.n_embd, c.n_head) == (192, 2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_config_from_depth_keeps_heads_aligned_for_fused_attention(head_dim):
+    """Every depth gets heads a multiple of 8 wide, at most head_dim; MLA's query (nope + rope) too."""
+    for depth in range(1, 49):
+        c = config_from_depth(depth, 256, 512, head_dim=head_dim)
+        width = c.n_embd // c.n_head
+        assert width % 8 == 0 and width <= max(head_dim, 64) and c.n_embd % c.n_head == 0, depth
+        mla = config_from_depth(depth, 256, 512, attention="mla", head_dim=head_dim)
+        assert (width + mla.qk_rope_head_dim) % 8 == 0, depth
+    assert config_from_depth(17, 256, 512).n_head == 17  # not 16 heads of 68
+    assert [config_from_depth(d, 256, 512).n_head for d in (4, 20, 26, 32)] == [2, 10, 13, 16]  # unchanged
 
 
 def test_estimate_flops_counts_matmuls():
