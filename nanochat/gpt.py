@@ -56,7 +56,8 @@ class GPTConfig:
             # DeepSeek-V2 sizes: latent = 4 head dims (capped at half the width for small models),
             # decoupled RoPE key = half a head dim
             self.kv_lora_rank = self.kv_lora_rank or min(4 * head_dim, self.n_embd // 2)
-            rope_dim = head_dim // 2  # rounded down to a multiple of 8 where it can be: a query of nope + rope stays aligned
+            # rounded down to a multiple of 8 where it can be: a query of nope + rope dims stays 8-aligned
+            rope_dim = head_dim // 2
             self.qk_rope_head_dim = self.qk_rope_head_dim or (rope_dim - rope_dim % 8 if rope_dim >= 8 else rope_dim)
             if self.qk_rope_head_dim % 2 != 0:
                 raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")

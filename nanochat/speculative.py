@@ -305,7 +305,8 @@ class SpeculativeRun:
         if draft == "ngram":
             fixed_cost, cost = widening_cost(device)
             self.drafter = NgramDrafter(ngram_max_n, ngram_min_n, ngram_stop_when_unknown, ngram_filler_top_k,
-                                        cost=cost if draft_cost is None else draft_cost, fixed_cost=fixed_cost, trim=trim)
+                                        cost=cost if draft_cost is None else draft_cost, fixed_cost=fixed_cost,
+                                        trim=trim)
         else:
             self.drafter = ModelDrafter(draft, model, capacity, self.sampling, self.generator)
         self.gamma_rule = GammaRule(None if trim else adaptive, gamma_min, gamma_max,
