@@ -58,7 +58,11 @@ def losses(path):
 
 
 def last_json(log):
-    return json.loads(log.strip().splitlines()[-1])
+    """The client's result: the last line that is a JSON object (the server's shutdown lines come after it)."""
+    lines = [line for line in log.splitlines() if line.startswith("{")]
+    if not lines:
+        raise ValueError("no JSON result line")
+    return json.loads(lines[-1])
 
 
 def verdict(name, log, args, on_gpu):
