@@ -89,7 +89,9 @@ def verdict(name, log, args, on_gpu):
         assert n == 0, f"{n} recompilations after step 1"
         return f"no recompilation after step 1; {peak(log, on_gpu)}"
     if name == "reply":
-        return " ".join(line for line in log.splitlines() if not LOG_LINE.match(line))[:80]
+        # splitlines also splits at a progress bar's carriage returns; the bars themselves ("...%|") are skipped
+        text = " ".join(line for line in log.splitlines() if not LOG_LINE.match(line) and "%|" not in line)
+        return " ".join(text.split())[:80]
     if name == "same_reply":  # greedy speculative output equals plain greedy output
         reply = lambda text: [line for line in text.splitlines() if not LOG_LINE.match(line)]
         with open(args[0]) as f:
