@@ -30,7 +30,7 @@ python -m nanochat.report reset
 FREE_BYTES=$(python -c "import torch; print(torch.cuda.mem_get_info()[0])")
 source dev/pick_batch.sh
 
-# enough FineWeb-Edu shards for the horizon of this depth (~217 for d20), so no data repeats
+# enough FineWeb-Edu shards for the horizon of this depth (~333 for d20, packing crops ~35%), so no data repeats
 SHARDS=$(python -m scripts.base_train --depth "$DEPTH" --dry-run --world-size "$NUM_GPUS" --device-batch-size 1 \
     | tail -1 | python -c "import json, sys; print(json.load(sys.stdin)['shards'])")
 stage "data: first 8 shards (tokenizer training), the rest of $SHARDS in the background"

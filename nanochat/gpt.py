@@ -78,10 +78,10 @@ def config_from_depth(depth, sequence_len, vocab_size, attention="mha", head_dim
     n_head = max(1, math.ceil(n_embd / head_dim))
     while n_embd % n_head != 0 or (head_dim >= 8 and n_embd // n_head % 8 != 0):
         n_head += 1
-    if n_kv_head is None:
-        n_kv_head = n_head if attention == "mha" else max(1, n_head // 2)
     if attention == "mha":
         n_kv_head = n_head
+    elif n_kv_head is None:  # gqa: the most kv heads, up to half the heads, that divide them (10 heads: 5; 13: 1)
+        n_kv_head = max(k for k in range(1, max(1, n_head // 2) + 1) if n_head % k == 0)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_kv_head, n_embd=n_embd, attention=attention, kv_lora_rank=kv_lora_rank)
 

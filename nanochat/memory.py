@@ -72,12 +72,15 @@ def format_memory(parts):
     return f"{parts['total'] / 1e9:.1f} GB = {pieces}"
 
 
-def shards_needed(tokens, chars_per_token=4.8, chars_per_shard=250e6):
+def shards_needed(tokens, chars_per_token=4.8, chars_per_shard=250e6, cropped_fraction=0.35):
     """
-    FineWeb-Edu shards (~250M characters each) for `tokens` training tokens, plus the validation shard.
-    4.8 characters per token is what the 65,536-token tokenizer gets on this data (scripts.tok_eval).
+    FineWeb-Edu shards (~250M characters each) to read for `tokens` training tokens, plus the validation shard.
+    4.8 characters per token is what the 65,536-token tokenizer gets on this data (scripts.tok_eval). Packing
+    (nanochat.dataloader) discards the tail of a document that fits no row: at 2048-token rows about 35% of
+    the tokens read (karpathy/nanochat reports ~35% for the same BOS-aligned best fit; base_train prints the
+    share it sees), so the shards must hold tokens / (1 - 0.35), or the last third of the run repeats data.
     """
-    return math.ceil(tokens * chars_per_token / chars_per_shard) + 1
+    return math.ceil(tokens / (1 - cropped_fraction) * chars_per_token / chars_per_shard) + 1
 
 
 def cpu_peak_allocated(fn):

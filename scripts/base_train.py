@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--attention", default="mha", choices=ATTENTION_VARIANTS)
-    p.add_argument("--n-kv-head", type=int, default=None, help="gqa: kv heads (default n_head // 2)")
+    p.add_argument("--n-kv-head", type=int, default=None, help="gqa: kv heads (default: the most, up to n_head // 2, that divide n_head)")
     p.add_argument("--kv-lora-rank", type=int, default=0, help="mla: latent size (0 = min(4*head_dim, width/2))")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     # horizon
@@ -98,6 +98,11 @@ def parse_args(argv=None):
         p.error("--num-iterations and --save-every must be positive (or -1)")
     if args.world_size is not None and args.world_size < 1:
         p.error("--world-size must be >= 1")
+    try:  # the architecture flags together (any vocab size: it is not checked)
+        config_from_depth(args.depth, args.max_seq_len, 2, args.attention, args.head_dim, args.n_kv_head,
+                          args.kv_lora_rank)
+    except ValueError as e:
+        p.error(f"--depth/--head-dim/--attention/--n-kv-head/--kv-lora-rank: {e}")
     return args
 
 
@@ -264,9 +269,12 @@ def main(argv=None):
             min_val_bpb = min(min_val_bpb, val_bpb)
             curves["val_steps"].append(step)
             curves["val_bpb"].append(val_bpb)
-            epoch = train_loader.stats()["epoch"]
-            repeat = f" | data epoch {epoch}: documents are repeating, download more shards ({plan['shards']} planned)" if epoch else ""
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{repeat}")
+            data = train_loader.stats()  # this rank's streams
+            read = data["tokens"] + data["cropped_tokens"]
+            packing = f" | packing cropped {data['cropped_tokens'] / read:.0%} of the tokens read" if read else ""
+            repeat = (f" | data epoch {data['epoch']}: documents are repeating, download more shards "
+                      f"({plan['shards']} planned)") if data["epoch"] else ""
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{packing}{repeat}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if loss_log:
                 loss_log.write(json.dumps({"step": step, "val_bpb": val_bpb}) + "\n")

@@ -113,6 +113,8 @@ def test_clear_errors(env, run_main):
     assert "invalid choice: 'flash'" in run_main("scripts.base_train", [*TRAIN, "--attention", "flash"], expect=2)
     out = run_main("scripts.base_train", [*TRAIN, "--device-batch-size", "0"], expect=2)
     assert "--device-batch-size must be >= 1" in out
+    out = run_main("scripts.base_train", [*TRAIN, "--attention", "gqa", "--n-kv-head", "3"], expect=2)
+    assert "gqa needs n_kv_head to divide n_head" in out and "Traceback" not in out
     assert "base_train" in run_main("scripts.base_loss", [], expect=1)
 
 

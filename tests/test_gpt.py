@@ -161,14 +161,18 @@ def test_config_from_depth():
 
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 def test_config_from_depth_keeps_heads_aligned_for_fused_attention(head_dim):
-    """Every depth gets heads a multiple of 8 wide, at most head_dim; MLA's query (nope + rope) too."""
+    """Every depth gets heads a multiple of 8 wide, at most head_dim; MLA's query (nope + rope) too; GQA's
+    default kv heads divide the heads (d26: 13 heads, which n_head // 2 = 6 does not divide)."""
     for depth in range(1, 49):
         c = config_from_depth(depth, 256, 512, head_dim=head_dim)
         width = c.n_embd // c.n_head
         assert width % 8 == 0 and width <= max(head_dim, 64) and c.n_embd % c.n_head == 0, depth
         mla = config_from_depth(depth, 256, 512, attention="mla", head_dim=head_dim)
         assert (width + mla.qk_rope_head_dim) % 8 == 0, depth
+        gqa = config_from_depth(depth, 256, 512, attention="gqa", head_dim=head_dim)  # the default kv heads divide
+        assert gqa.n_head % gqa.n_kv_head == 0 and gqa.n_kv_head <= max(1, gqa.n_head // 2), depth
     assert config_from_depth(17, 256, 512).n_head == 17  # not 16 heads of 68
+    assert [config_from_depth(d, 256, 512, "gqa").n_kv_head for d in (4, 20, 26)] == [1, 5, 1]
     assert [config_from_depth(d, 256, 512).n_head for d in (4, 20, 26, 32)] == [2, 10, 13, 16]  # unchanged
 
 

@@ -42,7 +42,9 @@ def test_optimizer_state_is_split_across_ranks():
 
 
 def test_shards_needed_covers_the_horizon():
-    assert shards_needed(11.2e9) == 217  # d20: 11.2B tokens x 4.8 chars / 250M chars, + the val shard
+    # d20: 11.2B tokens / 0.65 kept after packing x 4.8 chars / 250M chars, + the val shard
+    assert shards_needed(11.2e9) == 332
+    assert shards_needed(11.2e9, cropped_fraction=0.0) == 217
     assert shards_needed(1) == 2
 
 
