@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--attention", default="mha", choices=ATTENTION_VARIANTS)
-    p.add_argument("--n-kv-head", type=int, default=None, help="gqa: kv heads (default: the most, up to n_head // 2, that divide n_head)")
+    p.add_argument("--n-kv-head", type=int, default=None,
+                   help="gqa: kv heads (default: the most, up to n_head // 2, that divide n_head)")
     p.add_argument("--kv-lora-rank", type=int, default=0, help="mla: latent size (0 = min(4*head_dim, width/2))")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     # horizon
