@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from nanochat.common import first_error, get_base_dir, logger
+from nanochat.common import autocast_dtype, first_error, get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
 if TYPE_CHECKING:  # annotations only: the tokenizer is imported where a model is loaded
@@ -154,16 +154,31 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def build_model(checkpoint_dir: str, step: int, device: torch.device, phase: str) -> tuple[GPT, dict]:
-    """Construct a GPT from a checkpoint. phase is "train" or "eval". Returns (model, meta)."""
+def build_model(checkpoint_dir: str, step: int, device: torch.device, phase: str,
+                compute_dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
+    """
+    Construct a GPT from a checkpoint. phase is "train" or "eval". Returns (model, meta). compute_dtype: what an
+    eval model will compute in (default: the device's inference policy, common.autocast_dtype).
+    """
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    # fp32 weights on every device, as training keeps them (autocast computes in bf16 where that pays): a bf16
-    # checkpoint (imported from a bf16 Hugging Face export) would otherwise train without fp32 master weights,
-    # and where autocast is off (CPU inference, GPUs before Ampere, --dtype float32) attention would mix dtypes
+    # fp32 weights first, on every device, as training keeps them: a bf16 checkpoint (imported from a bf16 Hugging
+    # Face export) would otherwise train without fp32 master weights, and where autocast is off (CPU inference,
+    # GPUs before Ampere, --dtype float32) attention would mix dtypes
     model_state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in model_state.items()}
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile prefix
+    if phase == "train":
+        compute_dtype = torch.float32
+    elif compute_dtype is None:
+        compute_dtype = autocast_dtype(device.type)
+    if compute_dtype != torch.float32:
+        # inference where autocast computes in bf16 (GPUs from Ampere on): the matmul weights are stored in bf16,
+        # the values autocast would cast them to at every forward (under inference_mode it caches none of
+        # those casts: each decode step would read the fp32 weights, write and read bf16 copies, 4x the
+        # weight traffic). The embedding stays fp32, so the residual stream, and every result, is unchanged.
+        model_state = {k: v.to(compute_dtype) if v.dim() == 2 and k != "transformer.wte.weight" else v
+                       for k, v in model_state.items()}
     if device.type == "cpu" and phase == "eval":
         # the unembedding (vocab, n_embd) laid out column-major, same values: x @ W^T then reads W^T contiguously,
         # which CPU GEMMs with a few rows (a decode batch, a speculative verify) do up to 2x faster
@@ -199,13 +214,13 @@ def find_meta(source, model_tag=None, step=None):
     return load_meta(checkpoint_dir, step)
 
 
-def load_model(source: str, device, phase: str, model_tag: str | None = None,
-               step: int | None = None) -> tuple[GPT, "RustBPETokenizer", dict]:
-    """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta)."""
+def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None,
+               compute_dtype: torch.dtype | None = None) -> tuple[GPT, "RustBPETokenizer", dict]:
+    """load_model("base"|"mid"|"sft"|"rl", device, "eval") -> (model, tokenizer, meta); see build_model."""
     from nanochat.tokenizer import get_tokenizer
     checkpoint_dir, model_tag, step = find_checkpoint(source, model_tag, step)
     logger.info(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
-    model, meta = build_model(checkpoint_dir, step, torch.device(device), phase)
+    model, meta = build_model(checkpoint_dir, step, torch.device(device), phase, compute_dtype)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise CheckpointError(f"tokenizer vocab ({tokenizer.get_vocab_size()}) does not match the model's "
@@ -214,14 +229,15 @@ def load_model(source: str, device, phase: str, model_tag: str | None = None,
     return model, tokenizer, meta
 
 
-def load_draft(source: str, draft_tag: str | None, device) -> GPT | str | None:
+def load_draft(source: str, draft_tag: str | None, device,
+               compute_dtype: torch.dtype | None = None) -> GPT | str | None:
     """
     The draft for speculative decoding (Engine's `draft`): None without a tag, "ngram" for the n-gram drafter,
     else the model `draft_tag` of the same source (it must share the target's tokenizer).
     """
     if draft_tag in (None, "ngram"):
         return draft_tag
-    draft, _, _ = load_model(source, device, "eval", model_tag=draft_tag)
+    draft, _, _ = load_model(source, device, "eval", model_tag=draft_tag, compute_dtype=compute_dtype)
     return draft
 
 

@@ -319,6 +319,11 @@ class GPT(nn.Module):
         With a kv_cache, row b's tokens sit at positions kv_cache.lengths[b] + 0..T-1 and the cache
         lengths advance by T.
         """
+        matmul_dtype = self.lm_head.weight.dtype
+        if matmul_dtype != torch.float32 and not torch.is_autocast_enabled(idx.device.type):
+            # bf16 inference weights (load_model on a bf16 GPU) always compute under autocast, as they were made for
+            with torch.autocast(idx.device.type, dtype=matmul_dtype):
+                return self.forward(idx, targets, kv_cache, loss_reduction, logits_at)
         B, T = idx.shape
         if kv_cache is None:
             if T > self.rotary_seq_len:

@@ -32,12 +32,14 @@ class KVCache:
         """
         A cache in the dtype attention computes in (unless given): autocast's when autocast is on for the
         model's device (bf16 K/V: half the memory of fp32 weights, and SDPA reads it without a cast copy
-        of the whole history per layer per step), else the weights'.
+        of the whole history per layer per step), else the narrowest of the weights' dtypes (bf16 inference
+        weights next to an fp32 embedding compute under autocast of their own dtype, see GPT.forward).
         """
         device = model.get_device()
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
+        if dtype is None and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        elif dtype is None:
+            dtype = min((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)
         return cls(batch_size, seq_len, model.config.n_layer, model.kv_cache_layout(), device, dtype)
 
     def begin_step(self, T):

@@ -77,13 +77,15 @@ def reply(engine, prompt_tokens, args, autocast):
 def main(argv=None):
     args = parse_args(argv)
     _, _, _, _, device = compute_init(args.device_type)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # None: the device's inference policy
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        draft = load_draft(args.source, args.draft_model_tag, device)
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                            compute_dtype=dtype)
+        draft = load_draft(args.source, args.draft_model_tag, device, compute_dtype=dtype)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    autocast = autocast_context(device.type, None if args.dtype == "auto" else getattr(torch, args.dtype))
+    autocast = autocast_context(device.type, dtype)
     engine = Engine(model, tokenizer, draft=draft)
     bos = tokenizer.get_bos_token_id()
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")

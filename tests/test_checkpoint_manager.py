@@ -3,16 +3,18 @@ import os
 import pytest
 import torch
 
+from nanochat import checkpoint_manager
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step,
                                          load_checkpoint, load_model, restore_training_state, save_checkpoint)
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
 from nanochat.optim import checkpoint_states, setup_optimizers
 from nanochat.tokenizer import RustBPETokenizer
 
 
-def tiny_model(attention="mha"):
+def tiny_model(attention="mha", n_kv_head=2):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32,
                           attention=attention))
     model.init_weights()
     return model
@@ -60,6 +62,38 @@ def test_half_weights_load_as_fp32_and_compile_prefix_is_stripped(tmp_path, dtyp
     loaded, _ = build_model(str(tmp_path), 1, torch.device("cpu"), "train")
     assert all(p.dtype == torch.float32 for p in loaded.parameters()) and loaded.training
     assert all(p.is_contiguous() for p in loaded.parameters())  # training keeps the default layout
+
+
+@pytest.mark.parametrize("attention,n_kv_head", [("mha", 2), ("gqa", 1), ("mla", 2)])
+def test_inference_weights_take_the_compute_dtype(tmp_path, attention, n_kv_head, monkeypatch):
+    """
+    Where inference computes in bf16 (GPUs from Ampere on; the CPU stands in for one here), the matmul weights
+    load in bf16 and the embedding in fp32: the same logits as fp32 weights under autocast, bit for bit,
+    with autocast on or off (the model then enters it itself), through a KV cache too (bf16 either way).
+    """
+    model = tiny_model(attention, n_kv_head)
+    for name, p in model.named_parameters():  # output projections start at zero: give attention some effect
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    save_tiny(tmp_path, 1, model)
+    monkeypatch.setattr(checkpoint_manager, "autocast_dtype", lambda device_type: torch.bfloat16)
+    loaded, _ = build_model(str(tmp_path), 1, torch.device("cpu"), "eval")
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert dtypes.pop("transformer.wte.weight") == torch.float32 and set(dtypes.values()) == {torch.bfloat16}
+    model.eval()
+    x = torch.randint(0, 300, (2, 12))
+    bf16 = dict(device_type="cpu", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        with torch.autocast(**bf16):
+            expected = model(x)
+            assert torch.equal(loaded(x), expected)
+            reference_cache = KVCache.for_model(model, 2, 16)
+            expected_steps = [model(x[:, :8], kv_cache=reference_cache), model(x[:, 8:9], kv_cache=reference_cache)]
+        assert torch.equal(loaded(x), expected)
+        cache = KVCache.for_model(loaded, 2, 16)
+        steps = [loaded(x[:, :8], kv_cache=cache), loaded(x[:, 8:9], kv_cache=cache)]
+    assert all(torch.equal(a, b) for a, b in zip(steps, expected_steps))
+    assert {t.dtype for t in cache.tensors.values()} == {torch.bfloat16}
 
 
 def test_find_last_step_and_largest_model(tmp_path):
