@@ -22,6 +22,7 @@ import zlib
 
 from nanochat.common import get_base_dir, get_data_dir, logger
 from tasks.common import Task
+from tasks.gsm8k import extract_answer
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 WORD_LIST_FILE = "words_alpha.txt"
@@ -145,11 +146,6 @@ def split_words(words, split):
 # Letter counting
 
 
-def last_integer(text):
-    matches = re.findall(r"-?\d+", text if isinstance(text, str) else str(text))
-    return int(matches[-1]) if matches else None
-
-
 def count_answer_parts(word, letter):
     """The reference reply: spell with a running count, check with the tool, state the answer."""
     count, spelled = 0, []
@@ -199,8 +195,9 @@ class SpellingBee(WordTask):
         }
 
     def evaluate(self, conversation, assistant_response):
-        """The last integer of the reply must be the count."""
-        return int(last_integer(assistant_response) == conversation["answer"])
+        """The reply's stated answer ("#### N", as the training replies end) must be the count; a number
+        anywhere else (the calculator's output, a spelled-out tally) is not an answer."""
+        return int(extract_answer(assistant_response) == str(conversation["answer"]))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -420,9 +420,14 @@ def test_spellingbee_is_deterministic_and_right():
         assert call == {"type": "python", "text": f"'{word}'.count('{letter}')"}
         assert calculator(call["text"]) == output["text"] == str(word.count(letter))
         text = "".join(p["text"] for p in parts)
-        assert task.evaluate(conv, text) == 1 and task.evaluate(conv, text + " " + str(conv["answer"] + 1)) == 0
-        zero_seen |= conv["answer"] == 0
+        n = conv["answer"]
+        assert task.evaluate(conv, text) == 1 and task.evaluate(conv, text.replace(f"#### {n}", f"#### {n + 1}")) == 0
+        zero_seen |= n == 0
     assert zero_seen  # absent letters are part of the curriculum
+    conv = next(c for c in task if c["answer"] == 1)
+    # only the stated answer counts: not a later number, not the calculator's output, not a bare number
+    for reply in ["#### 2\n\n(I checked 1 times)", "<|python_start|>'x'.count('y')<|python_end|><|output_start|>1", "1"]:
+        assert task.evaluate(conv, reply) == 0, reply
 
 
 def test_spelling_splits_use_disjoint_words():
