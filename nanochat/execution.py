@@ -7,7 +7,7 @@ user code runs, the child:
     (largest file it may write, which also caps stdout/stderr, written to files), RLIMIT_CORE = 0;
   - replaces socket creation and name resolution with functions that raise PermissionError;
   - applies a "reliability guard": process control (os.system, os.kill, os.fork, os.exec*, os.spawn*,
-    os.popen, subprocess.Popen, ...) raises PermissionError; deleting, renaming or permission-changing files
+    os.popen, os._exit, subprocess.Popen, ...) raises PermissionError; deleting, renaming or permission-changing files
     (os.remove/unlink/rmdir/rename/replace, pathlib's methods that use them, shutil.rmtree/move) and
     opening files for writing (open/io.open/os.open) are refused outside the temporary directory.
 The parent kills the child's whole process group at the wall-clock timeout.
@@ -70,7 +70,7 @@ for name in ("system", "popen", "kill", "killpg", "fork", "forkpty", "vfork", "s
              "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
              "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe",
              "posix_spawn", "posix_spawnp", "chroot", "chmod", "fchmod", "lchmod", "chown",
-             "fchown", "lchown", "truncate", "link", "symlink", "mkfifo", "mknod"):
+             "fchown", "lchown", "truncate", "link", "symlink", "mkfifo", "mknod", "_exit", "abort"):
     if hasattr(os, name):
         setattr(os, name, refuse(f"os.{name}"))
 subprocess.Popen = refuse("subprocess")
@@ -114,19 +114,24 @@ def guarded_open(file, mode="r", *args, **kwargs):
 
 os.open, io.open, builtins.open = guarded_os_open, guarded_open, guarded_open
 
-# --- run the user code as __main__; a MemoryError gets its own exit code so the parent can report it
+# --- run the user code as __main__; a MemoryError gets its own exit code so the parent can report it. A run
+# succeeds only by reaching the program's end: exit(), quit() or sys.exit(0) before the tests ran is a failure
 try:
     exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
 except MemoryError:
     traceback.print_exc()
     sys.stdout.flush()
     sys.exit(MEMORY_ERROR_EXIT)
+except SystemExit as e:
+    sys.stdout.flush()
+    sys.stderr.write(f"SystemExit: the program exited ({e.code!r}) before its end\n")
+    sys.exit(1)
 '''.replace("MEMORY_ERROR_EXIT", str(MEMORY_ERROR_EXIT))
 
 
 @dataclass
 class ExecutionResult:
-    success: bool  # exited with status 0 within the limits
+    success: bool  # ran to its end (no exception, no exit() before it) within the limits
     stdout: str
     stderr: str
     error: str | None = None  # one line: why it failed (the exception, "timed out after 5s", ...)

@@ -26,10 +26,14 @@ def test_exception_is_a_failure_with_the_error_line():
     assert not result.timed_out and not result.memory_exceeded
 
 
-def test_exit_codes():
-    assert execute_code("import sys; sys.exit(0)").success
-    result = execute_code("import sys; sys.exit(3)")
-    assert not result.success and result.error == "exit code 3"
+def test_a_run_succeeds_only_by_reaching_its_end():
+    # a HumanEval completion that exits before the tests run must not pass: exit(), quit(), sys.exit(0)
+    for code in ("exit()", "quit()", "import sys; sys.exit(0)", "import sys; sys.exit(3)", "raise SystemExit"):
+        result = execute_code(f"print('before')\n{code}\nassert False")
+        assert not result.success and result.stdout == "before\n", code
+        assert result.error.startswith("SystemExit: the program exited"), result.error
+    result = execute_code("import os\nos._exit(0)")
+    assert not result.success and "os._exit" in result.error
     assert not execute_code("def f(:\n    pass").success  # syntax error
 
 
