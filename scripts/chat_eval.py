@@ -34,6 +34,16 @@ from nanochat.sampling import validate_sampling_params
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AIME"]
 # random-guess accuracy of each task, for ChatCORE (mean of (acc - baseline) / (1 - baseline))
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+
+def chatcore(results):
+    """
+    {"ChatCORE": the mean centered accuracy} when this run evaluated all six of its tasks; {"ChatCORE": None}
+    (the report drops an older value, computed from numbers this run replaced) when it evaluated some; {} else.
+    """
+    if all(name in results for name in BASELINES):
+        return {"ChatCORE": sum((results[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES)}
+    return {"ChatCORE": None} if any(name in results for name in BASELINES) else {}
 TASK_NAMES = ALL_TASKS + ["AIME-2024", "AIME-2025"]
 
 
@@ -295,12 +305,14 @@ def main(argv=None):
                     results[f"AIME-{year}"] = sum(r.correct for r in year_records) / len(year_records)
                     print0(f"  {result_line(f'AIME-{year}', year_records)}")
 
-    if all(name in results for name in BASELINES):
-        results["ChatCORE"] = sum((results[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES)
+    results.update(chatcore(results))
+    if results.get("ChatCORE") is not None:
         print0(f"ChatCORE: {results['ChatCORE']:.4f}")
-    settings = {"source": args.source, "model step": meta["step"], "num samples": args.num_samples,
-                "temperature": args.temperature, "max problems": args.max_problems}
-    # merged into the section, so evaluating tasks in separate runs accumulates them in the report
+    # merged into the section, so evaluating tasks in separate runs accumulates them in the report; the settings
+    # are per task, as each task keeps the line of the run that last evaluated it
+    run = (f"step {meta['step']}, {args.num_samples} samples, temperature {args.temperature}, "
+           f"max problems {args.max_problems}")
+    settings = {"source": args.source, **{f"{name} run": run for name in args.tasks if name in results}}
     get_report().log_metrics(chat_eval_section(args.source),
                              {**settings, **results, **counts,
                               **{f"skipped {k}": v.splitlines()[0] for k, v in skipped.items()}})

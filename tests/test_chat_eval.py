@@ -138,3 +138,16 @@ def test_summary_notes_group_skipped_tasks_and_clear_stale_skips(tmp_path):
     report.log_metrics("Chat evaluation sft", {"skipped MMLU": "no data"})
     report.log_metrics("Chat evaluation sft", {"MMLU": 0.3, "skipped MMLU": None})
     assert "skipped MMLU" not in (tmp_path / "chat-evaluation-sft.md").read_text()
+
+
+def test_chatcore_needs_all_six_tasks_and_drops_a_stale_value(tmp_path):
+    six = {name: 0.5 for name in chat_eval.BASELINES}
+    # ARC/MMLU: (0.5 - 0.25) / 0.75 = 1/3 each; the other three: 0.5 each
+    assert chat_eval.chatcore(six) == {"ChatCORE": pytest.approx((3 * (1 / 3) + 3 * 0.5) / 6)}
+    assert chat_eval.chatcore({"GSM8K": 0.2}) == {"ChatCORE": None}  # its old value no longer matches GSM8K's
+    assert chat_eval.chatcore({"AIME": 0.1}) == {}  # not one of its tasks: an old value stays
+    report = Report(str(tmp_path))
+    report.log_metrics("Chat evaluation sft", {**six, **chat_eval.chatcore(six)})
+    report.log_metrics("Chat evaluation sft", {"GSM8K": 0.2, **chat_eval.chatcore({"GSM8K": 0.2})})
+    text = (tmp_path / "chat-evaluation-sft.md").read_text()
+    assert "- GSM8K: 0.2" in text and "ChatCORE" not in text
