@@ -360,7 +360,8 @@ class DataLoader:
         epochs = [(s + snap["next_pos"] * self.num_streams) // self.num_row_groups
                   for s, snap in zip(self.stream_ids, snaps)]
         return {"batches": sum(x["batches"] for x in snaps), "cropped_tokens": sum(x["cropped_tokens"] for x in snaps),
-                "tokens": sum(x["batches"] for x in snaps) * self.B * self.T, "epoch": min(epochs)}
+                "tokens": sum(x["batches"] for x in snaps) * self.B * self.T,
+                "epoch": max(epochs)}  # the furthest stream's: its documents are the first to repeat
 
 
 def make_train_loader(tokenizer, B, T, world_size, rank, grad_accum_steps, device, **kw):

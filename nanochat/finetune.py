@@ -201,11 +201,21 @@ def finetune(args, train_set, val_set, packed, section, ddp_info, data_summary):
 
 
 def estimate_packed_rows(dataset, tokenizer, max_len, sample=256):
-    """Rows one epoch of packed conversations fills, from the mean rendered length of a sample."""
+    """
+    Rows one epoch of packed conversations fills: ConversationLoader's packing (a conversation that does not fit
+    in what is left of a row opens the next one) run over a sample's rendered lengths, scaled to the dataset.
+    Mean length / row length would ignore the unfilled row ends and stop an "epoch" ~8% short (2048-token rows).
+    """
     n = min(sample, len(dataset))
     step = max(1, len(dataset) // n)
-    lengths = [len(tokenizer.render_conversation(dataset[i], max_tokens=max_len + 1)[0]) for i in range(0, len(dataset), step)[:n]]
-    return max(1, round(len(dataset) * (sum(lengths) / len(lengths)) / (max_len + 1)))
+    lengths = [len(tokenizer.render_conversation(dataset[i], max_tokens=max_len + 1)[0])
+               for i in range(0, len(dataset), step)[:n]]
+    rows, used = 1, 0
+    for length in lengths:
+        if used and used + length > max_len + 1:
+            rows, used = rows + 1, 0
+        used += length
+    return max(1, round(len(dataset) * rows / len(lengths)))
 
 
 def describe_mixture(named_counts):

@@ -43,8 +43,10 @@ class HFFormatError(ValueError):
 # Renders a conversation as RustBPETokenizer.render_for_completion does (with add_generation_prompt) or
 # render_conversation's ids (without): a leading system message joins the first user message after a blank
 # line, roles alternate user/assistant, assistant content is a string or parts (text / python /
-# python_output). Ids equal ours as long as message text holds no special-token string: HF's tokenizer turns
-# "<|bos|>" written in a message into the special token, ours keeps such text as plain text.
+# python_output). Ids equal ours as long as message text holds no special-token string (HF's tokenizer turns
+# "<|bos|>" written in a message into the special token, ours keeps such text as plain text) and no two text
+# parts of an assistant message are adjacent (the template joins them into one string; ours encodes each
+# part alone, so "hel" + "lo" splits differently; no dataset here has such parts).
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='', first=0) -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"

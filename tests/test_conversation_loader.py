@@ -91,3 +91,21 @@ def test_fixed_shape_loss_equals_the_loss_without_trailing_padding(tokenizer, pa
         fixed, cropped = model(x, y), model(x[:, :longest], y[:, :longest])
         torch.testing.assert_close(fixed, cropped, rtol=1e-6, atol=1e-6)
     assert cropped_any
+
+
+def test_packed_rows_per_epoch_estimate_matches_the_loader(tokenizer):
+    """finetune.estimate_packed_rows (how many steps an epoch of midtraining takes) counts the rows the loader's
+    packing really fills, unfilled row ends included; mean length / row length undercounts them."""
+    from nanochat.finetune import estimate_packed_rows
+    data = conversations(200)
+    max_len = 128  # 3-4 conversations a row, and a gap at its end
+    loader = ConversationLoader(data, tokenizer, B=1, max_len=max_len, packed=True)
+    rows = 0
+    while loader.epoch == 0:  # the last row counted is the one that reached into the next epoch
+        next(loader)
+        rows += 1
+    estimate = estimate_packed_rows(data, tokenizer, max_len, sample=len(data))
+    lengths = [len(tokenizer.render_conversation(c, max_tokens=max_len + 1)[0]) for c in data]
+    mean_based = round(sum(lengths) / (max_len + 1))
+    assert abs(estimate - rows) <= 0.05 * rows, (estimate, rows)
+    assert mean_based < 0.9 * rows  # what the estimate used to be

@@ -119,7 +119,7 @@ def test_rows_hold_whole_documents_and_one_cropped_tail(docs):
     placed = 8 * B * (T + 1)
     cropped = sum(len(docs[d]) + 1 for d in consumed) - placed
     assert loader.stats()["cropped_tokens"] == cropped > 0
-    assert loader.stats()["batches"] == 8
+    assert loader.stats()["batches"] == 8 and loader.stats()["epoch"] == 0
     loader.close()
 
 
@@ -145,6 +145,7 @@ def test_streams_match_across_process_counts(docs):
             a, b, c = next(single), next(ranks[r]), next(manual)
             assert_batches_equal(a, b)
             assert_batches_equal(a, c)
+    assert manual.stats()["epoch"] == 1  # documents repeat: base_train says so
     for loader in [single, manual, *ranks]:
         loader.close()
 
