@@ -112,6 +112,12 @@ def attention(q, k, v, attn_mask=None, scale=None):
     """
     B, H, T, D = q.shape
     H_kv = k.size(1)
+    if attn_mask is None and T == 1 and H != H_kv:
+        # decode with grouped heads: the group's queries fold into the query axis, (B, H_kv, group, D), and see
+        # every key. enable_gqa would repeat K/V per head on a CPU (MLA's 16 heads over one 576-wide latent,
+        # 500 keys: 2.64 ms against 0.17 ms folded) and may leave CUDA's fused kernels for the math one
+        y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, scale=scale)
+        return y.reshape(B, H, 1, -1)
     if attn_mask is None:  # causal aligned to the last key: T == S (no cache or an empty one) or T == 1 (decode)
         assert T == 1 or T == k.size(2), "a query block shorter than the keys needs a mask"
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=H != H_kv)

@@ -221,6 +221,21 @@ def test_masked_grouped_attention_folds_heads_into_queries(n_head, n_kv_head, d,
     assert torch.allclose(attention(q, k, v, mask, scale=0.3), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_head, n_kv_head, d, dv", [(6, 2, 16, 16), (4, 1, 24, 16), (3, 3, 8, 8)])
+def test_decode_attention_folds_grouped_heads(n_head, n_kv_head, d, dv, monkeypatch):
+    """One query per row, no mask (a decode step): grouped heads fold into the query axis, same result as
+    enable_gqa, also with SDPA's output in CUDA's layout."""
+    from nanochat.gpt import attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, n_head, 1, d), torch.randn(2, n_kv_head, 7, d), torch.randn(2, n_kv_head, 7, dv)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=n_head != n_kv_head)
+    assert torch.allclose(attention(q, k, v, scale=0.3), expected, atol=1e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
+    assert torch.allclose(attention(q, k, v, scale=0.3), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention,n_kv_head", VARIANTS)
 def test_kv_cache_takes_the_compute_dtype(attention, n_kv_head):
     """Under bf16 autocast the cache is bf16 (half of fp32 weights'), and cached decoding still matches."""
