@@ -14,7 +14,7 @@ import os
 import sys
 
 from nanochat.finetune import load_available
-from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, run
+from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, mixtures, run
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 PROJECT_CONVERSATIONS = ["identity_conversations.jsonl", "safety_sft_conversations_multiturn_filtered.jsonl"]
@@ -22,7 +22,6 @@ PROJECT_CONVERSATIONS = ["identity_conversations.jsonl", "safety_sft_conversatio
 
 def build_mixture(custom_json):
     from tasks.arc import ARC
-    from tasks.common import TaskMixture
     from tasks.customjson import CustomJSON
     from tasks.gsm8k import GSM8K
     from tasks.smoltalk import SmolTalk
@@ -39,7 +38,7 @@ def build_mixture(custom_json):
     val_tasks, _ = load_available([("SmolTalk test", lambda: SmolTalk(split="test", stop=1000))])
     if not train_tasks:
         return None, None, summary
-    return TaskMixture(train_tasks), TaskMixture(val_tasks or train_tasks), summary
+    return (*mixtures(train_tasks, val_tasks), summary)
 
 
 def main(argv=None):

@@ -58,6 +58,15 @@ def check_finetune_flags(p, args):
         p.error("--world-size and --depth must be >= 1")
 
 
+def mixtures(train_tasks, val_tasks):
+    """(train, val) TaskMixtures. Without a validation task (offline, no mirror) the val loss is measured on
+    training conversations, and the log says so."""
+    from tasks.common import TaskMixture
+    if not val_tasks:
+        print0("note: no validation task could be loaded: the val loss below is measured on training conversations")
+    return TaskMixture(train_tasks), TaskMixture(val_tasks or train_tasks)
+
+
 def run(args, build_mixture, packed, section, no_data_hint):
     """
     The stage after its flags are parsed: a --dry-run plan, or build_mixture() -> (train, val, summary; train

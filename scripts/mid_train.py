@@ -13,13 +13,12 @@ import os
 import sys
 
 from nanochat.finetune import load_available
-from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, run
+from scripts.finetune_cli import add_finetune_flags, check_finetune_flags, mixtures, run
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def build_mixture():
-    from tasks.common import TaskMixture
     from tasks.customjson import CustomJSON
     from tasks.gsm8k import GSM8K
     from tasks.mmlu import MMLU
@@ -40,7 +39,7 @@ def build_mixture():
     ])
     if not train_tasks:
         return None, None, summary
-    return TaskMixture(train_tasks), TaskMixture(val_tasks or train_tasks), summary
+    return (*mixtures(train_tasks, val_tasks), summary)
 
 
 def main(argv=None):

@@ -127,3 +127,15 @@ def test_chat_stage_errors(env, run_main, monkeypatch):
     assert "no checkpoints directory" in run_main("scripts.chat_eval", ["-i", "rl"], expect=1)
     assert "unknown task" in run_main("scripts.chat_eval", ["-a", "Jeopardy"], expect=2)
     assert "not found" in run_main("scripts.chat_sft", ["--custom-json", "/nonexistent.jsonl"], expect=2)
+
+
+def test_without_a_validation_task_the_log_says_val_loss_uses_training_data(capsys):
+    from scripts.finetune_cli import mixtures
+    from tasks.common import Task
+    train = Task()
+    train.rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    train.to_conversation = lambda row: row
+    _, val = mixtures([train], [])
+    assert len(val) == 1 and "measured on training conversations" in capsys.readouterr().out
+    mixtures([train], [train])
+    assert capsys.readouterr().out == ""
