@@ -104,29 +104,25 @@ def apply_rotary_emb(x, cos, sin):
 def attention(q, k, v, attn_mask=None, scale=None):
     """
     Scaled dot-product attention, q (B, H, T, D) over k, v (B, H_kv, S, D|Dv) with H a multiple of H_kv.
-    Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With a mask (a KV cache
-    whose rows have different lengths) and H > H_kv, CUDA has no fused kernel that takes both enable_gqa and
-    a mask: the math fallback would build (B, H, T, S) scores. Instead each group of H / H_kv query heads is
-    folded into the query axis, (B, H_kv, group*T, D), with the mask repeated to match, and the
-    memory-efficient kernel runs, K/V uncopied.
+    Without a mask it is causal: T == S, or one query (T == 1) that sees every key. With grouped heads
+    (H > H_kv) and a mask (a KV cache whose rows have different lengths) or one query (decode), each group of
+    H / H_kv query heads is folded into the query axis, (B, H_kv, group*T, D), with the mask repeated to match:
+    CUDA has no fused kernel that takes both enable_gqa and a mask (the math fallback would build (B, H, T, S)
+    scores), and for decode enable_gqa repeats K/V per head on a CPU (MLA's 16 heads over one 576-wide latent,
+    500 keys: 2.64 ms against 0.17 ms folded). Folded, K/V are never copied.
     """
     B, H, T, D = q.shape
     H_kv = k.size(1)
-    if attn_mask is None and T == 1 and H != H_kv:
-        # decode with grouped heads: the group's queries fold into the query axis, (B, H_kv, group, D), and see
-        # every key. enable_gqa would repeat K/V per head on a CPU (MLA's 16 heads over one 576-wide latent,
-        # 500 keys: 2.64 ms against 0.17 ms folded) and may leave CUDA's fused kernels for the math one
-        y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, scale=scale)
-        return y.reshape(B, H, 1, -1)
+    if H != H_kv and (attn_mask is not None or T == 1):
+        group = H // H_kv
+        q = q.reshape(B, H_kv, group * T, D)  # query head h = kv head h // group (enable_gqa's order)
+        mask = None if attn_mask is None else attn_mask.repeat(1, 1, group, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return y.reshape(B, H, T, -1)  # not view: CUDA's fused kernels return y with (B, group*T, H_kv, D) strides
     if attn_mask is None:  # causal aligned to the last key: T == S (no cache or an empty one) or T == 1 (decode)
         assert T == 1 or T == k.size(2), "a query block shorter than the keys needs a mask"
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=H != H_kv)
-    if H == H_kv:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    group = H // H_kv
-    q = q.reshape(B, H_kv, group * T, D)  # query head h = kv head h // group (enable_gqa's order)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.repeat(1, 1, group, 1), scale=scale)
-    return y.reshape(B, H, T, -1)  # not view: CUDA's fused kernels return y with (B, group*T, H_kv, D) strides
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 class CausalSelfAttention(nn.Module):

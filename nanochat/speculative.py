@@ -45,10 +45,10 @@ class NgramDrafter:
 
     With trim, every draft has a kind (how long a context matched, how often it went on this way, whether
     always), each kind's acceptance is learned from the verifications, and a proposal is cut to the length
-    with the most expected tokens per unit of cost (1 for the forward, plus fixed_cost once any token is drafted,
-    plus cost per draft: see widening_cost): measured on repetitive
-    text, a draft after a 3-token context seen 3+ times always the same way is accepted ~98% of the time,
-    one after a 1-token context seen once ~40%.
+    with the most expected tokens per unit of cost (1 for the forward, plus fixed_cost once any token is
+    drafted, plus cost per draft: see widening_cost). Measured on repetitive text, a draft after a 3-token
+    context seen 3+ times always the same way is accepted ~98% of the time, one after a 1-token context seen
+    once ~40%.
     """
 
     def __init__(self, max_n=4, min_n=2, stop_when_unknown=True, filler_top_k=0, filler_weight=0.25, cost=0.05,

@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-model-tag", default=None, help="a smaller model of the same source, or 'ngram'")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="compute dtype (autocast; weights stay fp32). auto: bf16 on GPUs with native bf16, else fp32")
+                   help="compute dtype (bf16: autocast, matmul weights loaded in bf16). auto: bf16 on GPUs with native "
+                        "bf16, else fp32")
     args = p.parse_args(argv)
     try:
         validate_sampling_params(args.temperature, args.top_k, args.top_p)

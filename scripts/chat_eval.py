@@ -34,6 +34,7 @@ from nanochat.sampling import validate_sampling_params
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AIME"]
 # random-guess accuracy of each task, for ChatCORE (mean of (acc - baseline) / (1 - baseline))
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+TASK_NAMES = ALL_TASKS + ["AIME-2024", "AIME-2025"]
 
 
 def chatcore(results):
@@ -44,7 +45,6 @@ def chatcore(results):
     if all(name in results for name in BASELINES):
         return {"ChatCORE": sum((results[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES)}
     return {"ChatCORE": None} if any(name in results for name in BASELINES) else {}
-TASK_NAMES = ALL_TASKS + ["AIME-2024", "AIME-2025"]
 
 
 def load_task(name):
